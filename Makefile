@@ -1,0 +1,42 @@
+# Two entry points, each creating (or reusing) the virtual environment in .venv:
+#   make run    the main job (the quickstart for now)
+#   make test   lint + the whole test suite + a strict docs build
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/tested.txt
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: run test lint docs env clean
+
+env: $(STAMP)
+
+# torch first, pinned to the CPU build: a bare `torch` requirement would pull a CUDA build.
+# OpenRLHF hard-pins GPU-only packages, so it goes in with --no-deps, plus what its loss needs.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,trl,verl,bench,docs]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps openrlhf==0.11.2
+	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.6 einops
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) examples/quickstart.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff format --check src tests examples benchmarks
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir .site
+
+test: lint docs
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .site .pytest_cache

@@ -1,0 +1,42 @@
+"""stable-async: stabilizers for asynchronous (off-policy, stale-rollout) RL post-training of LLMs.
+
+    import stable_async as sa
+    batch = sa.PolicyBatch(logprobs=lp, advantages=adv, mask=mask, rollout_logprobs=mu)
+    out = sa.get_loss("ppo", eps_high=0.28, correction=sa.RolloutCorrection(high=2.0))(batch)
+    out.loss.backward()
+
+Public API only; every name below is documented in docs/ and re-exported from its module.
+"""
+
+from stable_async import divergence, losses  # noqa: F401  (losses: registers every loss)
+from stable_async.aggregate import AGGREGATION_MODES, aggregate
+from stable_async.batch import BatchValidationError, PolicyBatch
+from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
+from stable_async.diagnostics import ESSResult, effective_sample_size
+from stable_async.losses.base import LossConfig, LossOutput
+from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "BatchValidationError",
+    "CorrectionResult",
+    "ESSResult",
+    "Loss",
+    "LossConfig",
+    "LossOutput",
+    "PolicyBatch",
+    "RolloutCorrection",
+    "__version__",
+    "aggregate",
+    "available_losses",
+    "divergence",
+    "effective_sample_size",
+    "get_loss",
+    "icepop",
+    "loss_config_class",
+    "register_loss",
+    "sequence_mask",
+    "token_tis",
+]
