@@ -1,0 +1,1 @@
+"""Optimizer-side stabilizers: ESS-scaled learning rate (VCPO) and gradient alignment control (GAC)."""
