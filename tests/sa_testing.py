@@ -62,3 +62,65 @@ def verl_actor_config(**overrides):
     settings = {"strategy": "fsdp", "rollout_n": 1, "ppo_micro_batch_size_per_gpu": 1}
     settings.update(overrides)
     return ActorConfig(**settings)
+
+
+def full_batch_kwargs(generator, B=5, T=7, K=4, dtype=torch.float64, spread=0.3, log_ratio_scale=None):
+    """Every PolicyBatch field filled (rollout, top-K, versions, rewards), so that any loss can run.
+
+    ``log_ratio_scale`` (e.g. 1e4) replaces the small perturbations between the current, old and
+    rollout log-probs by huge ones, for overflow tests.
+    """
+    t = random_tensors(generator, B=B, T=T, spread=spread, dtype=dtype)
+    if log_ratio_scale is not None:
+        lp = t["logprobs"].detach()
+        sign = lambda: torch.randint(0, 2, (B, T), generator=generator).to(dtype) * 2 - 1  # noqa: E731
+        t["old_logprobs"] = lp + log_ratio_scale * sign()
+        t["rollout_logprobs"] = lp - log_ratio_scale * sign()
+    # Top-K of the rollout policy: K distinct ids in a vocabulary of 3K, with log-probs that sum below 1.
+    vocab = 3 * K
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:K] for _ in range(B * T)]).reshape(B, T, K)
+    probs = torch.softmax(torch.randn(B, T, K + 1, generator=generator, dtype=torch.float64), -1)[..., :K]
+    current = torch.softmax(torch.randn(B, T, K + 1, generator=generator, dtype=torch.float64), -1)[..., :K]
+    t["topk_ids"] = ids
+    t["topk_logprobs"] = probs.log().to(dtype)
+    t["current_topk_logprobs"] = current.log().to(dtype).requires_grad_(True)
+    t["rewards"] = torch.randint(0, 2, (B,), generator=generator).to(dtype)
+    t["group_ids"] = torch.arange(B) // 2
+    t["versions"] = torch.randint(0, 4, (B,), generator=generator)
+    t["current_version"] = 4
+    return t
+
+
+def free_port():
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_gloo(worker, world_size, *args):
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` spawned processes with gloo initialized.
+
+    ``worker`` must be importable by name from a module on sys.path (e.g. ``gloo_workers``): test
+    modules under --import-mode=importlib are not importable in the children.
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _gloo_entry, args=(worker, world_size, free_port(), args), nprocs=world_size, join=True, start_method="spawn"
+    )
+
+
+def _gloo_entry(rank, worker, world_size, port, args):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

@@ -39,7 +39,9 @@ class SAPOConfig(LossConfig):
 def sapo(batch: PolicyBatch, config: SAPOConfig) -> LossOutput:
     """SAPO (see module docstring)."""
     ratio = safe_exp(batch.logprobs - batch.old_logprobs)
-    tau = torch.where(batch.advantages > 0, config.tau_pos, config.tau_neg).to(ratio.dtype)
+    tau_pos = torch.tensor(config.tau_pos, dtype=ratio.dtype, device=ratio.device)
+    tau_neg = torch.tensor(config.tau_neg, dtype=ratio.dtype, device=ratio.device)
+    tau = torch.where(batch.advantages > 0, tau_pos, tau_neg)
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     loss_mat = -gate * batch.advantages
     metrics = {"actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask)}

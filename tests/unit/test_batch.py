@@ -1,0 +1,114 @@
+"""PolicyBatch validation: every bad input names the argument and the expectation."""
+
+import pytest
+import torch
+
+import stable_async as sa
+from stable_async import BatchValidationError
+
+
+def _base(B=2, T=3, dtype=torch.float32):
+    return {
+        "logprobs": -torch.rand(B, T, dtype=dtype),
+        "advantages": torch.randn(B, dtype=dtype),
+        "mask": torch.ones(B, T, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"logprobs": -torch.rand(2, 3, 4)}, r"logprobs: expected a 2-D tensor \(B, T\)"),
+        ({"logprobs": torch.zeros(2, 3, dtype=torch.long)}, r"logprobs: expected a floating dtype"),
+        ({"logprobs": [[0.0]]}, r"logprobs: expected a torch.Tensor, got list"),
+        ({"mask": torch.ones(2, 4)}, r"mask: expected shape \(2, 3\)"),
+        ({"mask": torch.full((2, 3), 2.0)}, r"mask: expected bool or 0/1 values"),
+        ({"advantages": torch.randn(3)}, r"advantages: expected shape \(2,\)"),
+        ({"advantages": torch.randn(2, 4)}, r"advantages: expected shape \(2, 3\)"),
+        ({"advantages": torch.zeros(2, dtype=torch.long)}, r"advantages: expected a floating dtype"),
+        ({"old_logprobs": torch.zeros(3, 3)}, r"old_logprobs: expected shape \(2, 3\)"),
+        ({"rollout_logprobs": torch.zeros(2, 2)}, r"rollout_logprobs: expected shape \(2, 3\)"),
+        ({"rewards": torch.zeros(5)}, r"rewards: expected shape \(2,\)"),
+        ({"group_ids": torch.zeros(2)}, r"group_ids: expected an integer dtype"),
+        ({"versions": torch.zeros(2, dtype=torch.long)}, r"current_version: required when versions is given"),
+        ({"topk_ids": torch.zeros(2, 3, dtype=torch.long)}, r"topk_ids: expected shape \(2, 3, K\)"),
+        (
+            {"topk_ids": torch.zeros(2, 3, 4, dtype=torch.long), "topk_logprobs": torch.zeros(2, 3, 5)},
+            r"topk_logprobs: expected K=4",
+        ),
+        ({"dp_size": 0}, r"dp_size: expected a positive integer"),
+        ({"global_num_tokens": -1}, r"global_num_tokens: expected a count >= 0"),
+        ({"mask": torch.ones(2, 3, device="meta")}, r"mask: expected device cpu"),
+        ({"old_logprobs": torch.zeros(2, 3, device="meta")}, r"old_logprobs: expected device cpu"),
+    ],
+)
+def test_bad_input_names_the_argument(changes, pattern):
+    kwargs = _base()
+    kwargs.update(changes)
+    with pytest.raises(BatchValidationError, match=pattern):
+        sa.PolicyBatch(**kwargs)
+
+
+def test_nan_or_inf_at_a_valid_position_is_an_error():
+    kwargs = _base()
+    kwargs["logprobs"] = kwargs["logprobs"].clone()
+    kwargs["logprobs"][1, 2] = float("nan")
+    with pytest.raises(BatchValidationError, match=r"logprobs: 1 NaN/inf value\(s\) at valid"):
+        sa.PolicyBatch(**kwargs)
+    kwargs = _base()
+    kwargs["rollout_logprobs"] = torch.full((2, 3), float("-inf"))
+    with pytest.raises(BatchValidationError, match=r"rollout_logprobs: 6 NaN/inf"):
+        sa.PolicyBatch(**kwargs)
+
+
+def test_nonfinite_values_at_masked_positions_are_zeroed():
+    kwargs = _base()
+    kwargs["mask"] = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    lp = kwargs["logprobs"].clone()
+    lp[0, 2], lp[1, 1], lp[1, 2] = float("-inf"), float("nan"), float("inf")
+    kwargs["logprobs"] = lp
+    batch = sa.PolicyBatch(**kwargs)
+    assert torch.isfinite(batch.logprobs).all()
+    assert batch.logprobs[0, 2] == 0 and batch.logprobs[1, 1] == 0
+    assert batch.mask.dtype == torch.bool
+
+
+def test_defaults_broadcasting_and_compute_dtype():
+    kwargs = _base(dtype=torch.bfloat16)
+    batch = sa.PolicyBatch(**kwargs)
+    assert batch.dtype == torch.float32
+    assert batch.logprobs.dtype == torch.float32
+    assert batch.advantages.shape == (2, 3)
+    assert torch.equal(batch.advantages[:, 0], batch.advantages[:, 2])
+    assert torch.equal(batch.old_logprobs, batch.logprobs.detach())
+    assert torch.equal(batch.behavior_logprobs, batch.old_logprobs)
+    assert sa.PolicyBatch(**_base(dtype=torch.float64)).dtype == torch.float64
+
+
+def test_sequence_advantages_is_the_masked_token_mean():
+    batch = sa.PolicyBatch(
+        logprobs=-torch.rand(2, 3),
+        advantages=torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0]]),
+        mask=torch.tensor([[1, 1, 0], [1, 0, 0]]),
+    )
+    assert torch.allclose(batch.sequence_advantages, torch.tensor([1.5, 4.0]))
+
+
+def test_batch_is_reusable_for_several_backward_passes():
+    lp = (-torch.rand(2, 3)).requires_grad_(True)
+    batch = sa.PolicyBatch(logprobs=lp, advantages=torch.randn(2), mask=torch.ones(2, 3))
+    for name in ("ppo", "reinforce"):
+        sa.get_loss(name)(batch).loss.backward()
+    assert lp.grad is not None
+
+
+def test_with_global_counts_without_distributed_is_local():
+    kwargs = _base()
+    kwargs["mask"] = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    batch = sa.PolicyBatch(**kwargs).with_global_counts()
+    assert (batch.global_num_tokens, batch.global_num_seqs, batch.dp_size) == (2.0, 1.0, 1)
+
+
+def test_empty_batch_is_valid():
+    batch = sa.PolicyBatch(logprobs=torch.zeros(0, 0), advantages=torch.zeros(0), mask=torch.zeros(0, 0))
+    assert batch.batch_size == 0
