@@ -124,3 +124,39 @@ def _gloo_entry(rank, worker, world_size, port, args):
         worker(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def tiny_causal_lm(directory, vocab=None, seed=0):
+    """An offline tiny Qwen2 model and a WordLevel tokenizer saved to ``directory``.
+
+    Returns ``(model_path, tokenizer)``. No download: the tokenizer is built from a word list,
+    the model from a config (2 layers, hidden 32).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    words = vocab or ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config)
+    path = os.path.join(str(directory), "tiny-qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
