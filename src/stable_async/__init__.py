@@ -8,12 +8,15 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
-from stable_async import divergence, losses  # noqa: F401  (losses: registers every loss)
+from stable_async import baselines, divergence, losses  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
 from stable_async.diagnostics import ESSResult, effective_sample_size
 from stable_async.losses.base import LossConfig, LossOutput
+from stable_async.losses.delight import delight_gate
+from stable_async.optim.ess_lr import ESSScaledLR
+from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
 
 __version__ = "0.1.0"
@@ -23,6 +26,8 @@ __all__ = [
     "BatchValidationError",
     "CorrectionResult",
     "ESSResult",
+    "ESSScaledLR",
+    "GradientAlignmentControl",
     "Loss",
     "LossConfig",
     "LossOutput",
@@ -31,6 +36,8 @@ __all__ = [
     "__version__",
     "aggregate",
     "available_losses",
+    "baselines",
+    "delight_gate",
     "divergence",
     "effective_sample_size",
     "get_loss",

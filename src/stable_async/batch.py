@@ -1,28 +1,28 @@
 """`PolicyBatch`: the one input record every loss, correction and diagnostic reads.
 
 It is validated once, at construction: shapes, dtypes, devices and batch sizes, and the
-finiteness of every value at a valid position. After validation the floating tensors are
-available in the compute dtype (fp32, or fp64 for fp64 input) with every masked position set
-to 0, so `-inf` log-probs at padding never reach an `exp` or a gradient.
+finiteness of every value at a valid position (NaN/inf there raises `BatchValidationError`).
+After validation the floating tensors are in the compute dtype (fp32, or fp64 for fp64 input).
+A tensor that needs a cast, or holds NaN/inf at masked positions, is replaced by a cleaned copy
+with every masked position set to 0, so `-inf` log-probs at padding never reach an `exp` or a
+gradient; a tensor that needs neither is kept as given (every downstream reduction is masked).
 
 Shapes (B sequences, T response tokens, K top-K entries):
 
-========================  ==========  ====================================================
-field                     shape       meaning
-========================  ==========  ====================================================
-logprobs                  (B, T)      log π_θ of the sampled tokens; carries the gradient
-advantages                (B, T)|(B,) advantage; a per-sequence value is broadcast over T
-mask                      (B, T)      1 / True where the token counts
-old_logprobs              (B, T)      proximal policy π_old (default: ``logprobs.detach()``)
-rollout_logprobs          (B, T)      behavior policy μ as the rollout engine reported it
-rewards, group_ids        (B,)        scalar rewards and prompt-group ids (baselines)
-versions                  (B,)|(B,T)  policy version that produced each sequence / token
-current_version           int         the trainer's version now
-topk_ids, topk_logprobs   (B, T, K)   rollout top-K token ids and their log μ
-current_topk_logprobs     (B, T, K)   log π_θ at ``topk_ids``
-========================  ==========  ====================================================
+| field | shape | meaning |
+|---|---|---|
+| `logprobs` | (B, T) | log π_θ of the sampled tokens; carries the gradient |
+| `advantages` | (B, T) or (B,) | advantage; a per-sequence value is broadcast over T |
+| `mask` | (B, T) | 1 / True where the token counts |
+| `old_logprobs` | (B, T) | proximal policy π_old (default: `logprobs.detach()`) |
+| `rollout_logprobs` | (B, T) | behavior policy μ as the rollout engine reported it |
+| `rewards`, `group_ids` | (B,) | scalar rewards and prompt-group ids (baselines) |
+| `versions` | (B,) or (B, T) | policy version that produced each sequence / token |
+| `current_version` | int | the trainer's version now |
+| `topk_ids`, `topk_logprobs` | (B, T, K) | rollout top-K token ids and their log μ |
+| `current_topk_logprobs` | (B, T, K) | log π_θ at `topk_ids` |
 
-Data-parallel bookkeeping (see :mod:`stable_async.aggregate`): ``global_num_tokens`` and
+Data-parallel bookkeeping (see `stable_async.aggregate`): ``global_num_tokens`` and
 ``global_num_seqs`` are the valid-token and valid-sequence counts of the whole optimizer
 minibatch over all ranks; ``dp_size`` is the factor by which the framework averages gradients
 across ranks (DDP / FSDP / DeepSpeed average, so pass the world size; pass 1 if gradients are
@@ -68,7 +68,27 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: st
 
 @dataclass
 class PolicyBatch:
-    """The validated input of every stable-async loss. See the module docstring for fields."""
+    """The validated input of every stable-async loss.
+
+    Attributes:
+        logprobs: (B, T) log π_θ of the sampled tokens; carries the gradient.
+        advantages: (B, T), or (B,) broadcast over the tokens of each sequence.
+        mask: (B, T) bool or 0/1; stored as bool.
+        old_logprobs: (B, T) proximal policy π_old; default ``logprobs.detach()``.
+        rollout_logprobs: (B, T) behavior policy μ reported by the rollout engine, or None.
+        rewards: (B,) scalar rewards (baselines), or None.
+        group_ids: (B,) integer prompt-group ids (baselines), or None.
+        versions: (B,) or (B, T) integer policy version that produced each token, or None.
+        current_version: the trainer's policy version; required with ``versions``.
+        topk_ids: (B, T, K) integer ids of the rollout policy's top-K tokens, or None.
+        topk_logprobs: (B, T, K) log μ at ``topk_ids``, or None.
+        current_topk_logprobs: (B, T, K) log π_θ at ``topk_ids`` (carries the gradient), or None.
+        global_num_tokens: valid tokens in the global minibatch (all ranks); None = local count.
+        global_num_seqs: sequences with a valid token in the global minibatch; None = local count.
+        dp_size: the factor by which the framework averages gradients across ranks.
+        check_finite: raise on NaN/inf at valid positions (default True).
+        dtype: the compute dtype (derived).
+    """
 
     logprobs: torch.Tensor
     advantages: torch.Tensor

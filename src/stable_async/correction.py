@@ -22,7 +22,10 @@ Mode:
 Gating statistic (mask mode): ``ratio`` (the weight at the level), or a divergence of π_num
 from μ per token — ``k1`` = log(μ/π), ``k2`` = ½(log(μ/π))², ``k3`` = π/μ − 1 − log(π/μ),
 ``binary_kl``, ``binary_tv`` (see `stable_async.divergence`) — summed over the sequence for
-``level="sequence"`` and averaged for ``level="geometric"``.
+``level="sequence"`` and averaged for ``level="geometric"``. ``divergence_eps`` > 0 clamps both
+probabilities to [eps, 1 − eps] before a binary divergence, as OpenRLHF's gate does with 1e-6.
+The default 0 is exact: a token with π_num = 1 ≠ μ then has an infinite binary KL and is always
+rejected, where the clamped form keeps it finite (and usually inside the band).
 
 Survivors' weight (mask mode, ``weight``): ``"level"`` (default: the ratio at the gating
 level; for a divergence gate: 1), ``"token"`` (the per-token ratio, as OpenRLHF does for every
@@ -97,6 +100,7 @@ class RolloutCorrection:
     numerator: str = "old"
     weight: str = "level"
     exclude_rejected: bool = False
+    divergence_eps: float = 0.0
     prefix: str = "rollout_corr/"
 
     def __post_init__(self) -> None:
@@ -118,6 +122,9 @@ class RolloutCorrection:
                 value = getattr(self, name)
                 if value is not None and value < 0:
                     raise ValueError(f"{name}: a ratio bound must be >= 0, got {value}")
+        eps = self.divergence_eps
+        if not (isinstance(eps, int | float) and 0.0 <= eps < 0.5):
+            raise ValueError(f"divergence_eps: expected a number in [0, 0.5), got {eps!r}")
         if self.mode == "truncate" and self.statistic != "ratio":
             raise ValueError(
                 f"statistic: mode='truncate' clamps the ratio itself; got statistic={self.statistic!r} "
@@ -144,6 +151,10 @@ class RolloutCorrection:
             return safe_exp(self._level_log_weight(log_w, mask, self.level))
         numerator = batch.old_logprobs if self.numerator == "old" else batch.logprobs.detach()
         rollout = batch.rollout_logprobs
+        if self.divergence_eps > 0 and self.statistic in ("binary_kl", "binary_tv"):
+            # Clamp both probabilities to [eps, 1 − eps], in log space.
+            lo, hi = math.log(self.divergence_eps), math.log1p(-self.divergence_eps)
+            numerator, rollout = numerator.clamp(min=lo, max=hi), rollout.clamp(min=lo, max=hi)
         per_token = {
             "k1": lambda: divergence.k1(numerator, rollout),
             "k2": lambda: divergence.k2(numerator, rollout),
@@ -198,10 +209,11 @@ class RolloutCorrection:
             unit_mask, raw_unit = mask, raw
         else:
             unit_mask, raw_unit = mask.any(dim=-1), raw[:, 0] if raw.shape[-1] else raw.sum(-1)
-        if self.high is not None:
-            metrics[f"{p}rollout_is_ratio_fraction_high"] = fraction(raw_unit > self.high, unit_mask)
-        if self.low is not None:
-            metrics[f"{p}rollout_is_ratio_fraction_low"] = fraction(raw_unit < self.low, unit_mask)
+        if self.statistic == "ratio":  # with a divergence gate, low/high are not ratio bounds
+            if self.high is not None:
+                metrics[f"{p}rollout_is_ratio_fraction_high"] = fraction(raw_unit > self.high, unit_mask)
+            if self.low is not None:
+                metrics[f"{p}rollout_is_ratio_fraction_low"] = fraction(raw_unit < self.low, unit_mask)
         metrics[f"{p}rollout_rs_masked_fraction"] = fraction(rejected, mask)
         metrics[f"{p}rollout_rs_seq_masked_fraction"] = masked_mean(
             rejected.any(dim=-1).to(weights.dtype), mask.any(dim=-1)

@@ -1,27 +1,25 @@
 """Diagnostics: effective sample size, IS-weight statistics, mismatch KL, clip fractions.
 
 Metric names follow veRL by default. Each is a *token mean* (over valid tokens of the local
-micro-batch) unless its name or docs say *sequence*:
+micro-batch) unless the table says *sequence*:
 
-=============================================  ==========  ======================================
-metric                                         averaged    meaning
-=============================================  ==========  ======================================
-actor/pg_loss                                  —           the aggregated loss value
-actor/pg_clipfrac                              token       fraction of tokens whose clipped term won
-actor/pg_clipfrac_lower                        token       fraction hit by the dual-clip bound (A<0)
-actor/ppo_kl                                   token       mean of −log(π_θ/π_old) (approx. KL)
-rollout_corr/rollout_is_mean|std|min|max       token       the applied correction weights
-rollout_corr/rollout_is_eff_sample_size        token       ESS/N of the applied weights (veRL form)
-rollout_corr/rollout_is_ratio_fraction_high    token*      fraction of raw weights above ``high``
-rollout_corr/rollout_is_ratio_fraction_low     token*      fraction of raw weights below ``low``
-rollout_corr/rollout_rs_masked_fraction        token       fraction of tokens zeroed by a mask mode
-rollout_corr/rollout_rs_seq_masked_fraction    sequence    fraction of sequences with a zeroed token
-rollout_corr/truncated_fraction                token       fraction of tokens whose weight was clamped
-rollout_corr/kl                                token       mean k1 = log μ − log π_old
-rollout_corr/k3_kl                             token       mean k3 of π_old against μ
-=============================================  ==========  ======================================
+| metric | averaged over | meaning |
+|---|---|---|
+| `actor/pg_loss` | — | the aggregated loss value |
+| `actor/pg_clipfrac` | tokens | fraction of tokens whose clipped (or masked) term is active |
+| `actor/pg_clipfrac_lower` | tokens | PPO: the dual-clip bound is active (A < 0); see each loss's docs |
+| `actor/ppo_kl` | tokens | mean of −log(π_θ/π_old), an approximate KL |
+| `rollout_corr/rollout_is_mean`, `_std`, `_min`, `_max` | tokens | the applied correction weights |
+| `rollout_corr/rollout_is_eff_sample_size` | tokens | ESS/N of the applied weights (veRL's form) |
+| `rollout_corr/rollout_is_ratio_fraction_high` | tokens (sequences†) | raw ratio above `high` (ratio gates only) |
+| `rollout_corr/rollout_is_ratio_fraction_low` | tokens (sequences†) | raw ratio below `low` (ratio gates only) |
+| `rollout_corr/rollout_rs_masked_fraction` | tokens | fraction of tokens zeroed by a mask mode |
+| `rollout_corr/rollout_rs_seq_masked_fraction` | sequences | fraction of sequences with a zeroed token |
+| `rollout_corr/truncated_fraction` | tokens | fraction of tokens whose weight was clamped |
+| `rollout_corr/kl` | tokens | mean k1 = log μ − log π_num |
+| `rollout_corr/k3_kl` | tokens | mean k3 of π_num against μ |
 
-(*) a sequence mean for ``level="sequence"`` / ``"geometric"`` corrections.
+† a sequence mean for `level="sequence"` / `"geometric"` corrections.
 
 ESS (Kong 1992): ESS = (Σ ρ)² / Σ ρ². With λ = log ρ it is exp(2·logsumexp(λ) − logsumexp(2λ)),
 computed as S1²/S2 with S1 = Σ e^(λ−M), S2 = Σ e^(2(λ−M)) and M = max λ: every term is ≤ 1,
@@ -76,7 +74,7 @@ def effective_sample_size(
         level: ``"sequence"``: one weight per sequence, log ρ_i = Σ_t m·log ρ_t (VCPO's choice);
             sequences without a valid token are left out. ``"token"``: one weight per valid token.
         process_group: reduce over this data-parallel group (default: the default group if
-            initialized); one max- and one sum-all-reduce of two numbers.
+            initialized); one max-all-reduce of one number and one sum-all-reduce of three (S1, S2, N).
         max_log_weight: optional clip of the log-weights from above (the "clipped" variant).
     """
     if level not in ("sequence", "token"):

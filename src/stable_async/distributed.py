@@ -40,3 +40,10 @@ def all_reduce_max(tensor: torch.Tensor, process_group: Any = None) -> torch.Ten
     if is_distributed(process_group):
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=process_group)
     return out
+
+
+def rank(process_group: Any = None) -> int:
+    """This process's rank in ``process_group`` (0 without distributed)."""
+    if not is_distributed(process_group):
+        return 0
+    return dist.get_rank(group=process_group)

@@ -16,6 +16,9 @@ computed in the compute dtype from log-probabilities, with ``log(1 − e^x)`` ev
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, compute_dtype
@@ -73,3 +76,147 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
     # (1 − q)·log(...) with q = 1 is 0·finite, or 0 · inf when p = 1 too: define it as 0.
     tail = torch.where(q >= 1.0, torch.zeros_like(tail), tail)
     return (head + tail).clamp(min=0.0)
+
+
+# ----------------------------------------------------------------------------- top-K (DPPO)
+# Top-K divergences over S = the rollout's top-K ids at a position (the sampled token forced in)
+# plus one "rest" bucket holding the remaining mass, clamped to >= REST_MASS_FLOOR:
+#
+#     KL(q ‖ p) = Σ_{k∈S} q_k (log q_k − log p_k) + q_rest log(q_rest / p_rest)
+#     TV(q, p)  = ½ (Σ_{k∈S} |q_k − p_k| + |q_rest − p_rest|)
+#
+# Coarse-graining the vocabulary into S ∪ {rest} can only shrink a divergence (data
+# processing), so binary ≤ top-K ≤ full vocabulary when the sampled token is in S, with
+# equality to the full divergence for K = V. As in the reference code (sail-sg/Stable-RL,
+# ``compute_topk_kl``) the values are detached: they gate a mask and carry no gradient.
+# Differences from the reference: the rest mass is −expm1(logsumexp(log p_S)) rather than
+# 1 − Σ exp(log p_k) (more accurate when the top-K mass is near 1), only the rest masses are
+# clamped (the reference also clamps the top-K mass, which no formula above uses), entries
+# with q_k = 0 (padding at −inf) contribute 0, and the arithmetic is fp64 for fp64 input.
+
+REST_MASS_FLOOR = 1e-12
+_CHUNK_ELEMENTS = 1 << 22  # logits entries per chunk in gather_topk_logprobs (16 MiB of fp32)
+
+
+def _topk_masses(topk_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities (..., K), rest mass (...), log rest mass (...)); the rest mass is clamped ≥ 1e-12."""
+    probs = torch.exp(topk_logprobs)
+    rest = (-torch.expm1(torch.logsumexp(topk_logprobs, dim=-1))).clamp(min=REST_MASS_FLOOR)
+    return probs, rest, torch.log(rest)
+
+
+def _check_topk_pair(current: torch.Tensor, rollout: torch.Tensor) -> None:
+    if current.shape != rollout.shape or current.dim() < 1:
+        raise ValueError(
+            "current_topk_logprobs, rollout_topk_logprobs: expected the same shape (..., K), got "
+            f"{tuple(current.shape)} and {tuple(rollout.shape)}"
+        )
+
+
+@torch.no_grad()
+def topk_tv(current_topk_logprobs: torch.Tensor, rollout_topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Top-K total variation ½(Σ_k |q_k − p_k| + |q_rest − p_rest|), (..., K) -> (...), detached.
+
+    ``current_topk_logprobs`` are log p = log π_θ at the rollout's top-K ids,
+    ``rollout_topk_logprobs`` are log q = log μ at the same ids.
+    """
+    _check_topk_pair(current_topk_logprobs, rollout_topk_logprobs)
+    lp, lq = _as_compute(current_topk_logprobs.detach(), rollout_topk_logprobs.detach())
+    p, p_rest, _ = _topk_masses(lp)
+    q, q_rest, _ = _topk_masses(lq)
+    return 0.5 * ((q - p).abs().sum(dim=-1) + (q_rest - p_rest).abs())
+
+
+@torch.no_grad()
+def topk_kl(current_topk_logprobs: torch.Tensor, rollout_topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Top-K KL(q ‖ p) = Σ_k q_k(log q_k − log p_k) + q_rest log(q_rest/p_rest), (..., K) -> (...), detached.
+
+    q = μ (``rollout_topk_logprobs``) is the distribution the tokens were sampled from, as in
+    `binary_kl`; p = π_θ (``current_topk_logprobs``). The result is ≥ 0 up to rounding.
+    """
+    _check_topk_pair(current_topk_logprobs, rollout_topk_logprobs)
+    lp, lq = _as_compute(current_topk_logprobs.detach(), rollout_topk_logprobs.detach())
+    _, _, log_p_rest = _topk_masses(lp)
+    q, q_rest, log_q_rest = _topk_masses(lq)
+    head = torch.where(q > 0, q * (lq - lp), torch.zeros_like(q)).sum(dim=-1)
+    return head + q_rest * (log_q_rest - log_p_rest)
+
+
+def _row_blocks(lead: tuple[int, ...], rows: int) -> list[tuple[int | slice, ...]]:
+    """Indices into the leading dims, each selecting ≤ ``rows`` positions as a 2-D (rows, V) view."""
+    if not lead:
+        return [()]
+    *outer, last = lead
+    return [(*o, slice(s, s + rows)) for o in itertools.product(*map(range, outer)) for s in range(0, last, rows)]
+
+
+class _GatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits).gather(-1, ids) without a (tokens, V) temporary.
+
+    Forward: logsumexp over the vocabulary in row blocks (fp32, or fp64 for fp64 logits), then
+    a gather. Backward: d/dlogits = scatter(g) − softmax(logits)·Σ_k g_k, again block by block,
+    written straight into the logits' gradient (the only (tokens, V) tensor, which any
+    gradient with respect to the logits needs). Blocks are views: no copy of the logits even
+    when they are not contiguous (e.g. ``logits[:, :-1]``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        dtype = compute_dtype(logits)
+        lse = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
+        for block in _row_blocks(tuple(logits.shape[:-1]), chunk_rows):
+            lse[block] = torch.logsumexp(logits[block].to(dtype), dim=-1)
+        out = logits.gather(-1, ids).to(dtype) - lse.unsqueeze(-1)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, ids, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        total = grad_out.sum(dim=-1, keepdim=True)
+        for block in _row_blocks(tuple(logits.shape[:-1]), ctx.chunk_rows):
+            part = (logits[block].to(lse.dtype) - lse[block].unsqueeze(-1)).exp_().mul_(-total[block])
+            part.scatter_add_(-1, ids[block], grad_out[block])
+            grad[block] = part
+        return grad, None, None
+
+
+def gather_topk_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """log π_θ at ``topk_ids`` from the trainer's logits: (..., V), (..., K) -> (..., K).
+
+    Equal to ``log_softmax(logits, -1).gather(-1, topk_ids)`` but computed from one
+    logsumexp over the vocabulary and a gather, in fp32 (fp64 for fp64 logits), without any
+    (tokens, V) tensor besides ``logits`` itself: a second full-vocabulary log-softmax costs as
+    much memory as the logits (gigabytes at V ≈ 150k). ``torch.logsumexp`` itself allocates a
+    full-size temporary, so rows are processed in blocks of ``chunk_rows`` (default: about 4M
+    logits per block), as views of ``logits`` (no copy, contiguous or not). Gradients flow to
+    ``logits`` (this is the current policy); the backward allocates only the logits' gradient.
+    Not twice differentiable.
+    """
+    if logits.dim() < 1 or topk_ids.dim() != logits.dim() or topk_ids.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"topk_ids: expected shape (..., K) with the leading dimensions of logits {tuple(logits.shape)}, "
+            f"got {tuple(topk_ids.shape)}"
+        )
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids: expected an integer dtype, got {topk_ids.dtype}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits: expected a floating dtype, got {logits.dtype}")
+    vocab = logits.shape[-1]
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    elif not (isinstance(chunk_rows, int) and chunk_rows > 0):
+        raise ValueError(f"chunk_rows: expected a positive int, got {chunk_rows!r}")
+    ids = topk_ids.long()
+    if logits.dim() > 2:
+        try:  # one flat (tokens, V) view when the layout allows it: fewer, larger blocks
+            flat = logits.view(-1, vocab)
+        except RuntimeError:
+            flat = None
+        if flat is not None:
+            out = _GatherLogSoftmax.apply(flat, ids.reshape(-1, ids.shape[-1]), chunk_rows)
+            return out.view(*ids.shape)
+    return _GatherLogSoftmax.apply(logits, ids, chunk_rows)

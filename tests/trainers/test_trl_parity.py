@@ -76,7 +76,7 @@ def _trainer(tiny_model, tmp_path, seed=0, **config):
         max_steps=1,
         **config,
     )
-    trainer = trl.GRPOTrainer(
+    trainer = trl.GRPOTrainer(  # rollout_func is experimental in TRL 1.16; the warning is expected
         model=path,
         reward_funcs=reward,
         args=args,

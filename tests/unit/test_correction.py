@@ -87,6 +87,7 @@ def test_divergence_gates(statistic, per_token):
         keep = value <= high and (statistic != "k1" or value >= -0.3)
         assert bool(result.rejected[i, j]) == (not keep)
         assert result.weights[i, j].item() == (1.0 if keep else 0.0)  # a divergence gate carries weight 1
+    assert "rollout_corr/rollout_is_ratio_fraction_high" not in result.metrics  # high is not a ratio bound here
 
 
 def test_binary_gates_use_probabilities():

@@ -2,9 +2,14 @@
 
 from stable_async.losses import (  # noqa: F401  (imported to register)
     cispo,
+    decoupled_ppo,
+    delight,
+    dppo,
     geo_mean,
     gspo,
+    m2po,
     ppo,
     reinforce,
     sapo,
+    vcpo,
 )

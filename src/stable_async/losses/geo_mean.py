@@ -10,7 +10,9 @@ averaged over sequences (the ``aggregation`` setting does not apply; a correctio
 weights are reduced to their per-sequence geometric mean). Defaults ε_low = ε_high = 0.4
 (the paper's clip range (e^−0.4, e^0.4)); veRL reads them from ``clip_ratio_low/high``.
 Differences from veRL: fully masked sequences are left out of the mean (veRL averages over all
-rows), and counts are exact where veRL adds 1e-8.
+rows), and counts are exact where veRL adds 1e-8. With a mask-mode correction a sequence with a
+rejected token gets weight 0; veRL reduces the weights by exp(mean log(w + 1e-10)), which leaves
+such a sequence a small non-zero weight (e^(−23/L) for one zeroed token among L).
 
 Metrics: ``actor/pg_clipfrac`` (token fraction clipped with A > 0), ``actor/pg_clipfrac_lower``
 (clipped with A < 0).

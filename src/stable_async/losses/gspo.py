@@ -11,8 +11,11 @@ so per-token advantages are allowed. With one advantage per sequence and
 ``seq-mean-token-mean`` the two have the same value and gradient.
 
 Defaults from the paper: ε_low = 3e-4, ε_high = 4e-4, aggregation ``seq-mean-token-mean``.
+Optional ``dual_clip`` c > 1 bounds the loss of a negative advantage by −c·A, as PPO's dual clip
+(OpenRLHF's ``PolicyLoss(policy_loss_type="gspo", dual_clip=c)`` applies it; default off).
 Log-ratios are clamped to ±20 (veRL clamps the token log-ratio at +10, OpenRLHF not at all;
-identical on any realistic input). Metric ``actor/pg_clipfrac``: token fraction clipped.
+identical on any realistic input). Metrics: ``actor/pg_clipfrac`` (token fraction clipped),
+``actor/pg_clipfrac_lower`` (token fraction hit by the dual-clip bound; 0 without one).
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ class GSPOConfig(LossConfig):
     aggregation: str = "seq-mean-token-mean"
     eps_low: float = 3e-4
     eps_high: float = 4e-4
+    dual_clip: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("eps_low", self.eps_low, allow_zero=True)
         check_positive("eps_high", self.eps_high, allow_zero=True)
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip: expected a value > 1 (or None), got {self.dual_clip!r}")
 
 
 def _clipped_surrogate(batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.Tensor) -> LossOutput:
@@ -47,9 +53,15 @@ def _clipped_surrogate(batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.
     loss_unclipped = -batch.advantages * ratio
     loss_clipped = -batch.advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    dual_active = torch.zeros_like(batch.mask)
+    if config.dual_clip is not None:
+        dual_bound = -batch.advantages * config.dual_clip
+        negative = batch.advantages < 0
+        dual_active = (loss_mat > dual_bound) & negative
+        loss_mat = torch.where(negative, torch.minimum(loss_mat, dual_bound), loss_mat)
     metrics = {
         "actor/pg_clipfrac": fraction(loss_clipped > loss_unclipped, batch.mask),
-        "actor/pg_clipfrac_lower": torch.zeros(()),
+        "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask),
         "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
     }
     return finish(batch, config, loss_mat, metrics)

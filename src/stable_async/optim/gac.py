@@ -1,0 +1,416 @@
+"""Gradient Alignment Control (GAC), arXiv 2603.01501 — **the update rule is a reconstruction**.
+
+Only the paper's abstract and summaries were readable. Diagnosis (from the abstract): under
+asynchrony, consecutive policy gradients stay highly aligned (cos(g_t, g_{t−1}) persistently
+high) where synchronous training gives near-orthogonal ones; stale-aligned updates compound
+and overshoot. Reconstructed rule, with g_t the flattened *global* gradient after DP reduction
+and before the optimizer, d = g_{t−1}/‖g_{t−1}‖ and c_t = ⟨g_t, g_{t−1}⟩ / (‖g_t‖‖g_{t−1}‖):
+
+    project:  if c_t > τ and ⟨g_t, d⟩ > 0:   g_t ← g_t − λ·⟨g_t, d⟩·d      (one-sided)
+    skip:     if c_t > τ_skip:                g_t ← 0, and the caller skips optimizer.step()
+    monitor:  never edits; metrics only.
+
+τ is fixed (``threshold``) or adaptive, τ_t = m̂ + k·ŝ with m̂, ŝ the bias-corrected EMA mean and
+std of the previous steps' c (momentum β). After the step, g_t (``keep="raw"``, default) or
+the regulated gradient (``keep="regulated"``) is stored as the next g_{t−1}.
+
+Defaults: mode="project", τ=0.5, λ=1.0, one-sided, fixed τ, keep="raw", memory="full".
+The paper's own defaults are unknown; these are ours.
+
+Costs: one stored gradient (``memory="full"``: a copy in fp32, or fp64 for fp64 grads;
+``"bf16"``: half of that; ``"sketch"``: ``sketch_dim`` numbers per parameter tensor), one pass
+over the gradients for three local sums (⟨g_t, g_{t−1}⟩, ‖g_t‖², ‖g_{t−1}‖², never a
+concatenated copy), **one** SUM all-reduce of those numbers when the gradient is sharded, one
+host sync, and one more pass to project. Full details and the alternatives: docs/gac.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from stable_async.distributed import all_reduce_sum, rank, world_size
+
+try:  # DTensor (FSDP2 shards) is optional: older or stripped-down torch builds lack it.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+MODES = ("project", "skip", "monitor")
+MEMORY_MODES = ("full", "bf16", "sketch")
+KEEP_MODES = ("raw", "regulated")
+ACTIONS = ("pass", "project", "skip")  # gac/action = index in this tuple
+DEFAULT_SKETCH_DIM = 8192
+_SKETCH_CHUNK = 1 << 22  # elements hashed at once (bounds the temporary index tensor)
+_MASK64 = (1 << 64) - 1
+
+
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly DTensor) tensor; in-place edits reach the DTensor."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _replicas(t: torch.Tensor, index: int) -> int:
+    """How many ranks of the mesh hold this DTensor's local piece (its sum is divided by it)."""
+    if not _is_dtensor(t):
+        return 1
+    count = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_partial():
+            raise RuntimeError(
+                f"GradientAlignmentControl: the gradient of parameter {index} is a Partial DTensor "
+                "(not reduced yet); call apply() after the gradient reduction"
+            )
+        if placement.is_replicate():
+            count *= t.device_mesh.size(dim)
+    return count
+
+
+def _mix_seed(*values: int) -> int:
+    """splitmix64 over the values: a well-spread 63-bit seed per (seed, parameter, rank)."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def count_sketch(flat: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Signed-hash (CountSketch) projection of a 1-D tensor to ``dim`` numbers, computed chunk-wise.
+
+    Each coordinate j goes to bucket h(j) with sign s(j) = ±1, drawn from a generator seeded with
+    ``seed`` on the tensor's device, so the same ``seed`` gives the same map every step.
+    ⟨S a, S b⟩ is unbiased for ⟨a, b⟩ with variance (‖a‖²‖b‖² + ⟨a,b⟩² − 2Σa_j²b_j²)/dim, as for
+    a dense Rademacher sketch, at O(numel) cost instead of O(numel·dim). Tensors with at most
+    ``dim`` elements are returned exactly (a copy).
+    """
+    dtype = _work_dtype(flat)
+    if flat.numel() <= dim:
+        return flat.to(dtype, copy=True)
+    out = torch.zeros(dim, dtype=dtype, device=flat.device)
+    gen = torch.Generator(device=flat.device)
+    gen.manual_seed(seed)
+    for start in range(0, flat.numel(), _SKETCH_CHUNK):
+        chunk = flat[start : start + _SKETCH_CHUNK].to(dtype)
+        code = torch.randint(0, 2 * dim, (chunk.numel(),), generator=gen, device=flat.device)
+        sign = (code & 1).to(dtype).mul_(-2.0).add_(1.0)  # lowest bit → ±1, the rest → bucket
+        out.index_add_(0, code >> 1, chunk * sign)
+    return out
+
+
+class GradientAlignmentControl:
+    """Measure, and optionally cut, the alignment of consecutive global gradients (GAC).
+
+    Call ``metrics = gac.apply()`` after ``backward()`` (after the last micro-batch and the DP
+    reduction) and before ``optimizer.step()``; it edits ``.grad`` in place. In skip mode check
+    ``gac.should_skip`` and do not call ``optimizer.step()`` when it is True.
+
+    Args:
+        params: tensors (or optimizer-style param groups) whose ``.grad`` form g_t. Parameters whose
+            ``.grad`` is None this step are left out of g_t *and* g_{t−1} and never edited.
+        mode: ``"project"`` (remove λ of the parallel component), ``"skip"`` (zero the gradient,
+            set ``should_skip``) or ``"monitor"`` (metrics only).
+        threshold: τ in [−1, 1]: act when c_t > τ. With ``adaptive=True``, the τ used until two
+            cosines have been observed.
+        strength: λ in [0, 1], the fraction of the parallel component removed.
+        memory: ``"full"`` (exact copy, fp32 or the grad dtype if wider), ``"bf16"`` (bf16 copy;
+            cosine error ~1e−3), ``"sketch"`` (``sketch_dim`` numbers per parameter; estimates the
+            cosine; monitor and skip only, since projecting needs d itself).
+        process_group: the group over which shard sums are all-reduced (default: the default group).
+            Used only when the gradient is sharded.
+        sharded: whether each rank holds a *disjoint piece* of g_t. ``None`` (default): True iff a
+            parameter is a DTensor (FSDP2), False otherwise (one process, or DDP whose gradients
+            are already identical on every rank: no collective at all). ``True``: local sums are
+            all-reduced over ``process_group``; plain-tensor gradients count as disjoint slices and
+            DTensor gradients are weighted by 1/(number of replicas) from their placements.
+        adaptive, adaptive_k, adaptive_momentum: τ_t = m̂ + k·ŝ over the EMA (β = momentum) of the
+            previous steps' cosines, once two have been observed.
+        one_sided: act only when ⟨g_t, d⟩ > 0 (default). ``False``: project when |c_t| > τ.
+        skip_threshold: τ_skip (fixed, even with ``adaptive``). In skip mode, defaults to τ. In project
+            mode, if given, c_t > τ_skip skips the step and τ < c_t ≤ τ_skip projects.
+        keep: store the ``"raw"`` g_t (default) or the ``"regulated"`` one (after projection; a
+            skipped step keeps the previous stored gradient, since nothing was applied).
+        sketch_dim: sketch size per parameter tensor (memory="sketch"); cosine error std is about
+            (1 − c²)/√sketch_dim or less.
+        seed: seed of the sketch hash (mixed with the parameter index and, if sharded, the rank).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        mode: str = "project",
+        threshold: float = 0.5,
+        strength: float = 1.0,
+        memory: str = "full",
+        process_group: Any = None,
+        *,
+        sharded: bool | None = None,
+        adaptive: bool = False,
+        adaptive_k: float = 2.0,
+        adaptive_momentum: float = 0.9,
+        one_sided: bool = True,
+        skip_threshold: float | None = None,
+        keep: str = "raw",
+        sketch_dim: int = DEFAULT_SKETCH_DIM,
+        seed: int = 0,
+    ) -> None:
+        self.params = _collect_params(params)
+        _check_choice("mode", mode, MODES)
+        _check_choice("memory", memory, MEMORY_MODES)
+        _check_choice("keep", keep, KEEP_MODES)
+        _check_range("threshold", threshold, -1.0, 1.0)
+        _check_range("strength", strength, 0.0, 1.0)
+        if skip_threshold is not None:
+            _check_range("skip_threshold", skip_threshold, -1.0, 1.0)
+        _check_range("adaptive_k", adaptive_k, 0.0, math.inf)
+        _check_range("adaptive_momentum", adaptive_momentum, 0.0, 1.0, closed_high=False)
+        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+            raise ValueError(f"GradientAlignmentControl: sketch_dim must be a positive int, got {sketch_dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"GradientAlignmentControl: seed must be an int, got {seed!r}")
+        if sharded not in (None, True, False):
+            raise ValueError(f"GradientAlignmentControl: sharded must be None, True or False, got {sharded!r}")
+        if memory == "sketch" and mode == "project":
+            raise ValueError(
+                "GradientAlignmentControl: memory='sketch' supports mode='monitor' or 'skip' only "
+                "(projection needs the previous gradient itself); use memory='full' or 'bf16'"
+            )
+        has_dtensor = any(_is_dtensor(p) for p in self.params)
+        if sharded is False and has_dtensor:
+            raise ValueError(
+                "GradientAlignmentControl: sharded=False but the parameters are DTensors (FSDP2 shards); "
+                "leave sharded=None or set sharded=True"
+            )
+        self.mode, self.memory, self.keep = mode, memory, keep
+        self.threshold, self.strength, self.skip_threshold = float(threshold), float(strength), skip_threshold
+        self.adaptive, self.adaptive_k, self.adaptive_momentum = bool(adaptive), float(adaptive_k), adaptive_momentum
+        self.one_sided, self.sketch_dim, self.seed = bool(one_sided), sketch_dim, seed
+        self.process_group = process_group
+        self.sharded = has_dtensor if sharded is None else sharded
+        self.step = 0
+        self.should_skip = False
+        self.last_action = "pass"
+        self.last_metrics: dict[str, float] = {}
+        self._prev: list[torch.Tensor | None] = [None] * len(self.params)
+        self._has_prev = False
+        self._n_obs, self._ema_mean, self._ema_sq = 0, 0.0, 0.0
+
+    # -- threshold ---------------------------------------------------------------------------
+    def current_threshold(self) -> float:
+        """τ for the next ``apply()``: fixed, or m̂ + k·ŝ once two cosines have been observed."""
+        if not self.adaptive or self._n_obs < 2:
+            return self.threshold
+        debias = 1.0 - self.adaptive_momentum**self._n_obs
+        mean, sq = self._ema_mean / debias, self._ema_sq / debias
+        return mean + self.adaptive_k * math.sqrt(max(sq - mean * mean, 0.0))
+
+    def _observe(self, cos: float) -> None:
+        beta = self.adaptive_momentum
+        self._ema_mean = beta * self._ema_mean + (1.0 - beta) * cos
+        self._ema_sq = beta * self._ema_sq + (1.0 - beta) * cos * cos
+        self._n_obs += 1
+
+    def _decide(self, cos: float, dot: float, tau: float) -> str:
+        if math.isnan(cos) or self.mode == "monitor":
+            return "pass"
+        tau_skip = self.skip_threshold if self.skip_threshold is not None else tau
+        if self.mode == "skip":
+            return "skip" if cos > tau_skip else "pass"
+        if self.skip_threshold is not None and cos > self.skip_threshold:
+            return "skip"
+        aligned = (cos > tau and dot > 0) if self.one_sided else abs(cos) > tau
+        return "project" if aligned else "pass"
+
+    # -- the step ----------------------------------------------------------------------------
+    def _sketch_seed_rank(self) -> int:
+        return rank(self.process_group) if self.sharded else 0
+
+    @torch.no_grad()
+    def apply(self) -> dict[str, float]:
+        """Measure c_t, act on ``.grad`` in place, store g_t; returns the ``gac/*`` metrics."""
+        grads = [None if p.grad is None else _local(p.grad) for p in self.params]
+        weights = [1.0 if p.grad is None else 1.0 / _replicas(p.grad, i) for i, p in enumerate(self.params)]
+        device = next((g.device for g in grads if g is not None), _local(self.params[0]).device)
+        sketches: list[torch.Tensor | None] = [None] * len(grads)
+        parts = []
+        seed_rank = self._sketch_seed_rank() if self.memory == "sketch" else 0
+        for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+            if g is None:
+                continue
+            flat = g.reshape(-1)
+            dtype = _work_dtype(g)
+            f = flat.to(dtype)
+            gg = torch.dot(f, f)
+            if self.memory == "sketch":
+                s = sketches[i] = count_sketch(flat, self.sketch_dim, _mix_seed(self.seed, i, seed_rank))
+                prev = self._prev[i]
+                zero = torch.zeros((), dtype=dtype, device=g.device)
+                dot = torch.dot(s, prev.to(dtype)) if prev is not None else zero
+                pp = torch.dot(prev.to(dtype), prev.to(dtype)) if prev is not None else zero
+                part = torch.stack([dot, torch.dot(s, s), pp, gg])
+            else:
+                prev = self._prev[i]
+                if prev is None:
+                    part = torch.stack([torch.zeros_like(gg), gg, torch.zeros_like(gg)])
+                else:
+                    p64 = prev.reshape(-1).to(dtype)
+                    part = torch.stack([torch.dot(f, p64), gg, torch.dot(p64, p64)])
+            parts.append(part.to(device=device, dtype=torch.float64) * w)
+        n_sums = 4 if self.memory == "sketch" else 3
+        local = torch.stack(parts).sum(0) if parts else torch.zeros(n_sums, dtype=torch.float64, device=device)
+        if self.sharded and world_size(self.process_group) > 1:
+            local = all_reduce_sum(local, self.process_group)  # the one collective of the step
+        sums = local.tolist()  # one host sync
+        dot, gg_est, pp = sums[0], sums[1], sums[2]
+        gg = sums[3] if self.memory == "sketch" else gg_est
+
+        finite = all(math.isfinite(v) for v in sums)
+        defined = finite and self._has_prev and gg_est > 0 and pp > 0
+        cos = max(-1.0, min(1.0, dot / math.sqrt(gg_est * pp))) if defined else math.nan
+        tau = self.current_threshold()
+        action = self._decide(cos, dot, tau)
+        storable = finite and gg > 0 and not (action == "skip" and self.keep == "regulated")
+
+        coef = self.strength * dot / pp if action == "project" else 0.0
+        for i, g in enumerate(grads):
+            new_prev = None
+            if self.memory == "sketch":
+                new_prev = sketches[i]
+            elif storable and self.keep == "raw" and g is not None:
+                new_prev = self._copy(g)
+            if g is not None:
+                if action == "skip":
+                    g.zero_()
+                elif action == "project" and self._prev[i] is not None:
+                    g.add_(self._prev[i], alpha=-coef)
+            if storable:
+                if self.keep == "regulated" and self.memory != "sketch" and g is not None:
+                    new_prev = self._copy(g)
+                self._prev[i] = new_prev
+        if storable:
+            self._has_prev = True
+        if defined:
+            self._observe(cos)
+
+        self.step += 1
+        self.should_skip = action == "skip"
+        self.last_action = action
+        removed = {"pass": 0.0, "project": self.strength**2 * cos * cos, "skip": 1.0}[action]
+        self.last_metrics = {
+            "gac/cos": cos,
+            "gac/parallel_frac": cos * cos,
+            "gac/removed_frac": removed if finite else math.nan,
+            "gac/action": float(ACTIONS.index(action)),
+            "gac/threshold": tau,
+            "gac/grad_norm": math.sqrt(gg) if finite and gg >= 0 else math.nan,
+        }
+        return dict(self.last_metrics)
+
+    def _copy(self, g: torch.Tensor) -> torch.Tensor:
+        if self.memory == "bf16":
+            return g.to(torch.bfloat16, copy=True)
+        return g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Stored g_{t−1} (this rank's pieces), adaptive statistics, step count, sketch seed.
+
+        Like ``torch.optim.Optimizer.state_dict()``, the tensors are references, not copies (GAC
+        never edits them in place, so the snapshot stays valid while training continues).
+        """
+        return {
+            "version": 1,
+            "step": self.step,
+            "memory": self.memory,
+            "sketch_dim": self.sketch_dim,
+            "seed": self.seed,
+            "sketch_rank": self._sketch_seed_rank() if self.memory == "sketch" else 0,
+            "has_prev": self._has_prev,
+            "prev": [None if t is None else t.detach() for t in self._prev],
+            "adaptive": {"n": self._n_obs, "ema_mean": self._ema_mean, "ema_sq": self._ema_sq},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore a ``state_dict()``. A stored gradient that does not fit the current parameters
+        (other sharding, memory mode or sketch seed) raises with ``strict=True``; with
+        ``strict=False`` it is dropped (the next step then acts as a first step)."""
+        problem = self._layout_problem(state)
+        if problem is not None and strict:
+            raise ValueError(f"GradientAlignmentControl.load_state_dict: {problem} (pass strict=False to drop it)")
+        self.step = int(state["step"])
+        adaptive = state["adaptive"]
+        self._n_obs, self._ema_mean, self._ema_sq = int(adaptive["n"]), adaptive["ema_mean"], adaptive["ema_sq"]
+        if problem is not None:
+            warnings.warn(f"GradientAlignmentControl: dropping the stored gradient: {problem}", stacklevel=2)
+            self._prev, self._has_prev = [None] * len(self.params), False
+            return
+        self._prev = [
+            None if t is None else t.detach().to(_local(p).device, copy=True)
+            for t, p in zip(state["prev"], self.params, strict=True)
+        ]
+        self._has_prev = bool(state["has_prev"])
+
+    def _layout_problem(self, state: dict[str, Any]) -> str | None:
+        if state.get("version") != 1:
+            return f"unknown state version {state.get('version')!r}"
+        if state["memory"] != self.memory:
+            return f"memory={state['memory']!r} in the checkpoint, {self.memory!r} now"
+        if len(state["prev"]) != len(self.params):
+            return f"{len(state['prev'])} stored tensors for {len(self.params)} parameters"
+        if self.memory == "sketch":
+            saved = (state["sketch_dim"], state["seed"], state["sketch_rank"])
+            if saved != (self.sketch_dim, self.seed, self._sketch_seed_rank()):
+                return f"sketch (sketch_dim, seed, rank) = {saved} in the checkpoint, differs now"
+            expected = [min(_local(p).numel(), self.sketch_dim) for p in self.params]
+        else:
+            expected = [_local(p).numel() for p in self.params]
+        for i, (t, n) in enumerate(zip(state["prev"], expected, strict=True)):
+            if t is not None and t.numel() != n:
+                return f"stored tensor {i} has {t.numel()} elements, the parameter's local piece needs {n}"
+        return None
+
+
+def _collect_params(params: Any) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise ValueError("GradientAlignmentControl: params must be an iterable of tensors or param groups")
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for item in params:
+        group = item["params"] if isinstance(item, dict) else [item]
+        for p in [group] if isinstance(group, torch.Tensor) else group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"GradientAlignmentControl: params must hold tensors, got {type(p).__name__}")
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    if not out:
+        raise ValueError("GradientAlignmentControl: params is empty")
+    return out
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"GradientAlignmentControl: {name} must be one of {choices}, got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, closed_high: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"GradientAlignmentControl: {name} must be a number in [{low}, {high}{bracket}, got {value!r}")
