@@ -73,6 +73,14 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
+def check_clip_settings(eps_low: float, eps_high: float, dual_clip: float | None = None) -> None:
+    """Validate a PPO-style clip range [1 − eps_low, 1 + eps_high] and an optional dual-clip c > 1."""
+    check_positive("eps_low", eps_low, allow_zero=True)
+    check_positive("eps_high", eps_high, allow_zero=True)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip: expected a value > 1 (or None), got {dual_clip!r}")
+
+
 def finish(
     batch: PolicyBatch,
     config: LossConfig,

@@ -51,8 +51,8 @@ import torch
 from stable_async._numerics import masked_mean, safe_exp
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction, weight_stats
-from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
-from stable_async.losses.ppo import PPOConfig, ppo_token_loss
+from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_positive, finish
+from stable_async.losses.ppo import clipped_surrogate
 from stable_async.registry import register_loss
 
 PROXIMAL_MODES = ("recomputed", "loglinear")
@@ -82,10 +82,7 @@ class DecoupledPPOConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps_low", self.eps_low, allow_zero=True)
-        check_positive("eps_high", self.eps_high, allow_zero=True)
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip: expected a value > 1 (or None), got {self.dual_clip!r}")
+        check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
         if self.behavior_cap is not None:
             check_positive("behavior_cap", self.behavior_cap)
             if not self.behavior_cap > 1.0:
@@ -143,8 +140,10 @@ def decoupled_ppo(batch: PolicyBatch, config: DecoupledPPOConfig) -> LossOutput:
     prox, alpha = _proximal_logprobs(batch, config)
     behavior = batch.rollout_logprobs if batch.rollout_logprobs is not None else prox
     raw_w, w, capped = behavior_weight(prox, behavior, config)
-    clip = PPOConfig(eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip)
-    ppo_mat, clipped, dual_active = ppo_token_loss(batch.logprobs, prox, batch.advantages, clip)
+    ratio = safe_exp(batch.logprobs - prox)
+    ppo_mat, clipped, dual_active = clipped_surrogate(
+        ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip
+    )
     # The cap only zeroes (or shrinks) the numerator; `finish` keeps the full mask as denominator.
     loss_mat = w * ppo_mat
     mask = batch.mask

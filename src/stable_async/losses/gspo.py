@@ -27,7 +27,8 @@ import torch
 from stable_async._numerics import LOG_RATIO_BOUND, sequence_log_ratio
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
-from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
+from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, finish
+from stable_async.losses.ppo import clipped_surrogate
 from stable_async.registry import register_loss
 
 
@@ -42,25 +43,16 @@ class GSPOConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps_low", self.eps_low, allow_zero=True)
-        check_positive("eps_high", self.eps_high, allow_zero=True)
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip: expected a value > 1 (or None), got {self.dual_clip!r}")
+        check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
 
 
 def _clipped_surrogate(batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.Tensor) -> LossOutput:
     ratio = torch.exp(log_ratio.clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND))
-    loss_unclipped = -batch.advantages * ratio
-    loss_clipped = -batch.advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
-    dual_active = torch.zeros_like(batch.mask)
-    if config.dual_clip is not None:
-        dual_bound = -batch.advantages * config.dual_clip
-        negative = batch.advantages < 0
-        dual_active = (loss_mat > dual_bound) & negative
-        loss_mat = torch.where(negative, torch.minimum(loss_mat, dual_bound), loss_mat)
+    loss_mat, clipped, dual_active = clipped_surrogate(
+        ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip
+    )
     metrics = {
-        "actor/pg_clipfrac": fraction(loss_clipped > loss_unclipped, batch.mask),
+        "actor/pg_clipfrac": fraction(clipped, batch.mask),
         "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask),
         "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
     }

@@ -24,7 +24,7 @@ import torch
 from stable_async._numerics import safe_exp
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
-from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
+from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_positive, finish
 from stable_async.registry import register_loss
 
 
@@ -39,39 +39,43 @@ class PPOConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("eps_low", self.eps_low, allow_zero=True)
-        check_positive("eps_high", self.eps_high, allow_zero=True)
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip: expected a value > 1 (or None), got {self.dual_clip!r}")
+        check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
         if self.ratio_cap is not None:
             check_positive("ratio_cap", self.ratio_cap)
 
 
-def ppo_token_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+def clipped_surrogate(
+    ratio: torch.Tensor,
     advantages: torch.Tensor,
-    config: PPOConfig,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    ratio_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO loss, and the masks (clipped, dual-clipped) behind the clip fractions."""
-    ratio = safe_exp(logprobs - old_logprobs)
-    unclipped_ratio = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)
+    """Per-token PPO surrogate of a given ratio, and the (clipped, dual-clip-active) masks.
+
+    Shared by ``ppo``, ``gspo``/``gspo_token`` (sequence ratio) and ``decoupled_ppo``.
+    """
+    unclipped_ratio = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
     loss_unclipped = -advantages * unclipped_ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
-    if config.dual_clip is None:
+    if dual_clip is None:
         return loss, clipped, torch.zeros_like(clipped)
-    dual_bound = -advantages * config.dual_clip
-    dual_active = (loss > dual_bound) & (advantages < 0)
-    loss = torch.where(advantages < 0, torch.minimum(loss, dual_bound), loss)
-    return loss, clipped, dual_active
+    dual_bound = -advantages * dual_clip
+    negative = advantages < 0
+    dual_active = (loss > dual_bound) & negative
+    return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
 
 
 @register_loss("ppo", config=PPOConfig)
 def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     """PPO-clip (see module docstring)."""
-    loss_mat, clipped, dual_active = ppo_token_loss(batch.logprobs, batch.old_logprobs, batch.advantages, config)
+    ratio = safe_exp(batch.logprobs - batch.old_logprobs)
+    loss_mat, clipped, dual_active = clipped_surrogate(
+        ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip, config.ratio_cap
+    )
     metrics = {
         "actor/pg_clipfrac": fraction(clipped, batch.mask),
         "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask),
