@@ -1,0 +1,1 @@
+"""Thin adapters for TRL, veRL and OpenRLHF; each is imported only when used (no trainer import here)."""

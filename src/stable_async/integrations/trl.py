@@ -1,0 +1,536 @@
+"""TRL adapter: `StableGRPOTrainer`, a drop-in `trl.GRPOTrainer` with a stable-async loss.
+
+    from stable_async.integrations.trl import StableGRPOTrainer
+    trainer = StableGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...),
+                                policy_loss="dppo_binary_tv", ess_lr=True, gac=True)
+
+A translation layer only: TRL's tensors go into a `stable_async.PolicyBatch`, the core computes
+the loss, ESS, IS weights and gradient control, and the metrics go back through TRL's own
+``self._metrics[mode][name]`` lists (so they reach ``state.log_history`` and every reporter).
+
+What is translated (details and rationale: docs/integrations/trl.md):
+
+* Current log-probs: TRL's own ``_get_per_token_logps_and_entropies`` (same forward, same fused
+  LM head), so the loss sees exactly the numbers TRL's loss would.
+* Mask: ``completion_mask`` (× ``tool_mask`` when present), as TRL.
+* Old log-probs: ``old_per_token_logps``, else ``per_token_logps.detach()`` (TRL's rule).
+* Rollout log-probs: ``sampling_per_token_logps`` (vLLM or a ``rollout_func``). Tokens the engine
+  could not score (NaN) take the old log-prob (w = 1, TRL's own neutral value); their share is
+  logged as ``stable_async/rollout_logprobs_unscored_frac``. Without sampler log-probs the old
+  log-probs stand in, and ``stable_async/rollout_logprobs_source`` is 0 (1 = from the sampler).
+* Gradient accumulation: TRL's loss is already scaled for GA (``loss_is_scaled_for_ga``). The
+  adapter reproduces that with global counts: ``dp_size`` = number of processes, and the
+  denominators count the whole optimizer step over all ranks: ``global_num_tokens`` =
+  ``num_items_in_batch · GA / steps_per_generation`` (TRL's ``dapo`` normalizer) and
+  ``global_num_seqs`` = rows per micro-batch · GA · processes (TRL's ``grpo`` divides by every
+  row, masked or not). ``token_normalizer="local"`` uses the micro-batch's own token count · GA ·
+  processes instead (TRL's ``bnpo``). So the summed, rank-averaged gradient of a step is the
+  gradient of the loss aggregated over the step's whole batch.
+* vLLM importance sampling (the IS weight is never applied twice):
+  1. ``correction=RolloutCorrection(...)`` (or a ``policy_loss`` whose config has one): ours is
+     applied inside the loss and TRL's ``importance_sampling_ratio`` is ignored;
+  2. ``correction=False``: no behavior weight at all;
+  3. default (``None``): if TRL has its vLLM IS correction on, its mode is translated to the
+     equivalent `RolloutCorrection` (``{token,sequence}_{truncate,mask}`` with
+     ``vllm_importance_sampling_clip_min/max``) — unless the loss already reweights by the rollout
+     policy μ (``decoupled_ppo``, ``vcpo``, the ``dppo_*`` losses with ``anchor="rollout"``), in
+     which case TRL's ratio is dropped. ``stable_async/trl_is_applied`` says which happened.
+* KL to the reference (β ≠ 0): ``β · k3(ref, π_θ)`` per token (TRL's estimator,
+  `stable_async.divergence.k3`), times TRL's ratio π_θ/π_old when ``use_bias_correction_kl``
+  (TRL's default; token or sequence level as ``importance_sampling_level``), aggregated like the
+  policy loss and added to it, as TRL does.
+* MoE router aux loss: added with TRL's scaling.
+
+Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, the entropy bonus (``entropy_coef`` / adaptive entropy), and the
+top-K losses (``dppo_topk_*``: TRL keeps only the sampled token's log-prob, see the docs).
+
+ESS, ESS-scaled LR and GAC: the ESS ratio is computed per optimizer step, at sequence level, over
+every micro-batch of the step (the per-micro-batch log-weights log π_θ − log μ are kept, detached,
+and reduced once at the last micro-batch with `stable_async.effective_sample_size`, which
+all-reduces across ranks), then staged on the `ESSScaledLR` wrapper that ``create_optimizer``
+puts around TRL's optimizer. GAC runs in a `TrainerCallback` at ``on_pre_optimizer_step`` (after
+clipping). Under DeepSpeed the step happens inside ``accelerator.backward``, so both run in a hook
+on the DeepSpeed engine's torch optimizer instead (`StableGRPOTrainer.install_deepspeed_hooks`,
+installed automatically at ``on_train_begin``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from stable_async.aggregate import aggregate
+from stable_async.batch import PolicyBatch
+from stable_async.correction import RolloutCorrection
+from stable_async.diagnostics import effective_sample_size
+from stable_async.distributed import world_size
+from stable_async.divergence import k3
+from stable_async.optim.ess_lr import ESSScaledLR
+from stable_async.optim.gac import GradientAlignmentControl
+from stable_async.registry import Loss, get_loss
+
+__all__ = ["TOPK_LOSSES", "StableGRPOTrainer", "trl_equivalent_loss"]
+
+#: Losses that need the rollout engine's top-K log-probs; TRL does not keep them.
+TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
+# Losses that already weight every token by the rollout policy μ (a second IS weight would double it).
+_REWEIGHTS_BY_ROLLOUT = frozenset({"decoupled_ppo", "vcpo"})
+_DPPO = frozenset({"dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"})
+# Our metric name -> TRL's name for the same quantity (token mean); everything else gets "stable_async/".
+_TRL_METRIC_NAMES = {"actor/pg_clipfrac": "clip_ratio/region_mean"}
+_DROPPED_METRICS = frozenset({"actor/pg_loss"})  # the Trainer already logs the step's `loss`
+_PREFIX = "stable_async/"
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def trl_equivalent_loss(args: Any) -> tuple[str, dict[str, Any], str]:
+    """The stable-async loss that reproduces a ``GRPOConfig``'s built-in loss.
+
+    Returns ``(name, hyperparameters, token_normalizer)``. Mapping (TRL → stable-async):
+    ``grpo`` → ``ppo`` + ``seq-mean-token-mean``; ``bnpo`` → ``ppo`` + ``token-mean`` with the
+    micro-batch's token count (``"local"``); ``dr_grpo`` → ``ppo`` + ``seq-mean-token-sum-norm``
+    with ``norm_length = max_completion_length``; ``dapo`` → ``ppo`` + ``token-mean`` over the
+    step (``"global"``); ``cispo`` → ``cispo`` with ``eps_low=1``, ``eps_high=epsilon_high − 1``;
+    ``sapo`` → ``sapo`` (τ from ``sapo_temperature_pos/neg``). ``delta`` → ``ratio_cap``;
+    ``importance_sampling_level="sequence"`` → ``gspo`` with the same aggregation.
+    ``luspo`` and ``vespo`` have no equivalent (``ValueError``).
+    """
+    loss_type = args.loss_type
+    eps_low = args.epsilon
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    aggregation = {
+        "grpo": "seq-mean-token-mean",
+        "sapo": "seq-mean-token-mean",
+        "bnpo": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm",
+        "dapo": "token-mean",
+        "cispo": "token-mean",
+    }.get(loss_type)
+    if aggregation is None:
+        raise ValueError(
+            f"policy_loss: TRL's loss_type={loss_type!r} has no stable-async equivalent; pass policy_loss= "
+            "(a registered name or a Loss) to StableGRPOTrainer"
+        )
+    settings: dict[str, Any] = {"aggregation": aggregation}
+    if loss_type == "dr_grpo":
+        settings["norm_length"] = float(args.max_completion_length)
+    normalizer = "local" if loss_type == "bnpo" else "global"
+    if loss_type == "cispo":
+        return "cispo", {**settings, "eps_low": 1.0, "eps_high": args.epsilon_high - 1.0}, normalizer
+    if loss_type == "sapo":
+        settings.update(tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
+        return "sapo", settings, normalizer
+    if args.importance_sampling_level == "sequence":
+        if args.delta is not None:
+            raise ValueError("delta: two-sided clipping with importance_sampling_level='sequence' has no equivalent")
+        return "gspo", {**settings, "eps_low": eps_low, "eps_high": eps_high}, normalizer
+    return "ppo", {**settings, "eps_low": eps_low, "eps_high": eps_high, "ratio_cap": args.delta}, normalizer
+
+
+def _trl_is_correction(trainer: Any) -> RolloutCorrection:
+    """TRL's vLLM IS mode as the equivalent `RolloutCorrection`."""
+    level, how = trainer.vllm_importance_sampling_mode.split("_")
+    return RolloutCorrection(
+        level=level,
+        mode=how,
+        low=trainer.vllm_importance_sampling_clip_min,
+        high=trainer.vllm_importance_sampling_clip_max,
+    )
+
+
+def _reweights_by_rollout(loss: Loss) -> bool:
+    if loss.name in _REWEIGHTS_BY_ROLLOUT:
+        return getattr(loss.config, "anchor", "rollout") == "rollout"
+    return loss.name in _DPPO and getattr(loss.config, "anchor", "rollout") == "rollout"
+
+
+def _settings(value: Any, argument: str) -> dict[str, Any] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{argument}: expected True, False, None or a dict of keyword arguments, got {value!r}")
+
+
+class _StepHook:
+    """Stands in for an optimizer inside `ESSScaledLR`: its ``param_groups`` and its original ``step``."""
+
+    def __init__(self, optimizer: Any, step: Callable[..., Any]) -> None:
+        self._optimizer = optimizer
+        self.step = step
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state)
+
+
+class StableAsyncCallback(TrainerCallback):
+    """Runs GAC at ``on_pre_optimizer_step`` and logs the ESS-LR / GAC metrics (added by the trainer)."""
+
+    def __init__(self, trainer: StableGRPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.is_deepspeed_enabled and not self.trainer._sa_ds_hooked:
+            self.trainer.install_deepspeed_hooks()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._sa_ds_hooked:  # the step already ran inside accelerator.backward
+            return
+        self.trainer._sa_before_step()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.trainer._sa_ds_hooked:
+            self.trainer._sa_after_step()
+
+
+class StableGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with a stable-async policy loss, rollout correction, ESS-scaled LR and GAC.
+
+    Every ``GRPOTrainer`` argument is accepted unchanged; the extra keyword arguments are:
+
+    Args:
+        policy_loss: a registered loss name (``stable_async.available_losses()``) or a `Loss` from
+            ``get_loss``. Default: the loss equivalent to ``args.loss_type`` (see
+            `trl_equivalent_loss`), which reproduces ``GRPOTrainer``'s loss and gradients. When given,
+            TRL's ``loss_type``, ``epsilon*``, ``delta`` and ``importance_sampling_level`` are not used
+            (pass the loss's own hyperparameters in ``loss_kwargs``).
+        loss_kwargs: hyperparameters of ``policy_loss`` (with a name only), e.g. ``{"delta_high": 0.1,
+            "aggregation": "seq-mean-token-mean"}``.
+        correction: a `RolloutCorrection` on the sampler's log-probs (replaces TRL's vLLM IS ratio),
+            ``False`` (no behavior weight), or ``None`` (TRL's vLLM IS mode, translated, unless the loss
+            already reweights by μ). See the module docstring.
+        ess_lr: ``True`` or a dict of `ESSScaledLR` keyword arguments (``rule``, ``base_ratio``,
+            ``min_scale``, ``on_missing``) to scale each step's LR by the step's sequence-level ESS.
+        gac: ``True`` or a dict of `GradientAlignmentControl` keyword arguments (``mode``,
+            ``threshold``, ``strength``, ``memory``, ...). Only trainable parameters enter (LoRA
+            adapters only, with a PEFT ``peft_config``).
+        token_normalizer: ``"global"`` (token denominators count the whole optimizer step over all
+            ranks, TRL's ``dapo``) or ``"local"`` (the micro-batch's count, TRL's ``bnpo``). Default:
+            ``"local"`` for the default loss with ``loss_type="bnpo"``, else ``"global"``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        policy_loss: str | Loss | None = None,
+        loss_kwargs: Mapping[str, Any] | None = None,
+        correction: RolloutCorrection | bool | None = None,
+        ess_lr: bool | Mapping[str, Any] | None = None,
+        gac: bool | Mapping[str, Any] | None = None,
+        token_normalizer: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._sa_loss, normalizer = self._sa_build_loss(policy_loss, loss_kwargs)
+        if correction is True:
+            raise TypeError("correction: expected a stable_async.RolloutCorrection, False or None, got True")
+        if correction is not None and correction is not False and not isinstance(correction, RolloutCorrection):
+            raise TypeError(
+                f"correction: expected a stable_async.RolloutCorrection, False or None, got {type(correction).__name__}"
+            )
+        if isinstance(correction, RolloutCorrection) and self._sa_loss.config.correction is not None:
+            raise ValueError("correction: the policy_loss already has a correction in its config; pass it once")
+        self._sa_correction = correction
+        if token_normalizer not in (None, "global", "local"):
+            raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
+        self._sa_token_normalizer = token_normalizer or normalizer
+        self._sa_ess_lr_settings = _settings(ess_lr, "ess_lr")
+        self._sa_gac_settings = _settings(gac, "gac")
+        self._check_supported()
+        self._sa_ess_lr: ESSScaledLR | None = None
+        self._sa_gac: GradientAlignmentControl | None = None
+        self._sa_skip_next_step = False
+        self._sa_skipped = False  # the last step was cancelled by GAC (no ESS-LR metrics then)
+        self._sa_ds_hooked = False
+        self._sa_ess_pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._sa_loss_cache: dict[Any, tuple[Loss, float]] = {}
+        if self._sa_gac_settings is not None:  # validate now, not at the first step
+            GradientAlignmentControl([torch.zeros(1)], **self._sa_gac_settings)
+        if self._sa_ess_lr_settings is not None:
+            ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._sa_ess_lr_settings)
+        self.add_callback(StableAsyncCallback(self))
+
+    # ------------------------------------------------------------------ construction
+    def _sa_build_loss(self, policy_loss: str | Loss | None, loss_kwargs: Mapping[str, Any] | None) -> tuple[Loss, str]:
+        if policy_loss is None:
+            name, settings, normalizer = trl_equivalent_loss(self.args)
+            settings.update(loss_kwargs or {})
+            loss = get_loss(name, **settings)
+        elif isinstance(policy_loss, Loss):
+            if loss_kwargs:
+                raise TypeError("loss_kwargs: pass hyperparameters in get_loss(...) when policy_loss is a Loss object")
+            loss, normalizer = policy_loss, "global"
+        elif isinstance(policy_loss, str):
+            loss, normalizer = get_loss(policy_loss, **dict(loss_kwargs or {})), "global"
+        else:
+            raise TypeError(f"policy_loss: expected a loss name, a stable_async.Loss or None, got {policy_loss!r}")
+        if loss.name in TOPK_LOSSES:
+            raise ValueError(
+                f"policy_loss: {loss.name!r} needs the rollout policy's top-K log-probs at every token, which TRL's "
+                "GRPOTrainer does not keep (its vLLM path keeps only the sampled token's log-prob, and its fused LM "
+                "head never materializes the current policy's logits); use 'dppo_binary_tv' / 'dppo_binary_kl', "
+                "see docs/integrations/trl.md"
+            )
+        return loss, normalizer
+
+    def _check_supported(self) -> None:
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError("top_entropy_quantile: < 1 is not supported by StableGRPOTrainer; set it to 1.0")
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                "off_policy_mask_threshold: not supported by StableGRPOTrainer; use correction=RolloutCorrection(...)"
+            )
+        if self._entropy_bonus_enabled:
+            raise ValueError("entropy_coef: the entropy bonus is not supported by StableGRPOTrainer; set it to 0")
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """TRL's optimizer, wrapped in `ESSScaledLR` when ``ess_lr`` is on; GAC over the trainable params."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self._sa_ess_lr_settings is not None and not isinstance(optimizer, ESSScaledLR):
+            optimizer = ESSScaledLR(optimizer, **self._sa_ess_lr_settings)
+            self.optimizer = optimizer
+        if isinstance(optimizer, ESSScaledLR):
+            self._sa_ess_lr = optimizer
+        if self._sa_gac_settings is not None and self._sa_gac is None and not self.is_deepspeed_enabled:
+            params = [p for p in (model or self.model).parameters() if p.requires_grad]
+            self._sa_gac = GradientAlignmentControl(params, **self._sa_gac_settings)
+            self._sa_gate(optimizer)
+        return optimizer
+
+    def _sa_gate(self, optimizer: Any) -> None:
+        """Let GAC's skip decision cancel the next ``optimizer.step()`` (the Trainer always calls it)."""
+        inner = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self._sa_skip_next_step:
+                self._sa_skip_next_step, self._sa_skipped = False, True
+                return None
+            return inner(*args, **kwargs)
+
+        optimizer.step = step
+
+    def install_deepspeed_hooks(self, engine: Any = None) -> None:
+        """Run GAC and the ESS-scaled step inside the DeepSpeed engine's optimizer step.
+
+        Under DeepSpeed, ``accelerator.backward`` runs ``engine.step()`` at the last micro-batch, so the
+        Trainer's ``on_pre_optimizer_step`` comes too late. This wraps the *torch* optimizer DeepSpeed
+        steps (``engine.optimizer.optimizer`` for ZeRO / bf16 wrappers, else ``engine.optimizer``):
+        there the gradients are reduced, unscaled and clipped, and under ZeRO each rank holds a disjoint
+        fp32 partition (GAC then all-reduces its sums: ``sharded=True``). Called automatically at
+        ``on_train_begin`` when DeepSpeed is enabled. Untested against a real DeepSpeed engine (no GPU
+        in CI); the hook itself is tested on a plain torch optimizer.
+        """
+        engine = engine if engine is not None else self.model_wrapped
+        outer = engine.optimizer
+        base = getattr(outer, "optimizer", outer)
+        if isinstance(base, ESSScaledLR):  # create_optimizer's wrapper became DeepSpeed's base optimizer
+            ess, inner = base, base.optimizer
+        else:
+            ess, inner = None, base
+        original = base.step
+        if ess is None and self._sa_ess_lr_settings is not None:
+            ess = ESSScaledLR(_StepHook(inner, original), **self._sa_ess_lr_settings)
+        self._sa_ess_lr = ess
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self._sa_gac_settings is not None and self._sa_gac is None:
+                params = [p for group in inner.param_groups for p in group["params"]]
+                sharded = stage >= 1 and world_size() > 1
+                self._sa_gac = GradientAlignmentControl(params, sharded=sharded, **self._sa_gac_settings)
+            self._sa_before_step()
+            if self._sa_skip_next_step:
+                self._sa_skip_next_step, self._sa_skipped = False, True
+                result = None
+            else:
+                result = ess.step() if ess is not None and ess is not base else original(*args, **kwargs)
+            self._sa_after_step()
+            return result
+
+        base.step = step
+        self._sa_ds_hooked = True
+
+    # ------------------------------------------------------------------ optimizer-side steps
+    def _sa_before_step(self) -> None:
+        if self._sa_gac is None:
+            return
+        metrics = self._sa_gac.apply()
+        self._sa_skip_next_step = self._sa_gac.should_skip
+        self._sa_log(metrics, "train", gather=False)
+
+    def _sa_after_step(self) -> None:
+        if self._sa_skipped:
+            self._sa_skipped = False
+            return
+        if self._sa_ess_lr is not None and self._sa_ess_lr.last_metrics:
+            self._sa_log(self._sa_ess_lr.last_metrics, "train", gather=False)
+
+    # ------------------------------------------------------------------ the loss
+    def _sa_loss_for(self, trl_is_on: bool) -> tuple[Loss, float]:
+        """The loss with the correction chosen by the IS rule, and whether TRL's IS mode was translated."""
+        key = (trl_is_on, self.vllm_importance_sampling_mode if trl_is_on else None)
+        if key in self._sa_loss_cache:
+            return self._sa_loss_cache[key]
+        correction: RolloutCorrection | None = None
+        if isinstance(self._sa_correction, RolloutCorrection):
+            correction = self._sa_correction
+        elif self._sa_correction is None and self._sa_loss.config.correction is None and trl_is_on:
+            # TRL's IS mode, translated; unless the loss already weights by the rollout policy.
+            correction = None if _reweights_by_rollout(self._sa_loss) else _trl_is_correction(self)
+        loss = self._sa_loss
+        if correction is not None:
+            loss = get_loss(loss.name, config=dataclasses.replace(loss.config, correction=correction))
+        translated = float(correction is not None and not isinstance(self._sa_correction, RolloutCorrection))
+        self._sa_loss_cache[key] = (loss, translated)
+        return loss, translated
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+        mode = "train" if self.model.training else "eval"
+        valid = mask.bool()
+
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        sampling = inputs.get("sampling_per_token_logps")
+        metrics: dict[str, float] = {}
+        if sampling is not None:
+            unscored = torch.isnan(sampling)
+            rollout = torch.where(unscored, old.to(sampling.dtype), sampling)
+            metrics[_PREFIX + "rollout_logprobs_unscored_frac"] = float((unscored & valid).sum()) / max(
+                float(valid.sum()), 1.0
+            )
+            metrics[_PREFIX + "rollout_logprobs_source"] = 1.0
+        else:
+            rollout = old
+            metrics[_PREFIX + "rollout_logprobs_source"] = 0.0
+
+        # Global counts: the loss is scaled for gradient accumulation the way TRL's is.
+        processes = self.accelerator.num_processes
+        # Set by the Trainer per optimizer step (the last step of an epoch may be shorter).
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        accumulation = steps if mode == "train" else 1
+        if self._sa_token_normalizer == "global":
+            tokens = float(inputs["num_items_in_batch"])
+            if mode == "train":
+                tokens = tokens * accumulation / self.args.steps_per_generation
+        else:
+            tokens = float(valid.sum()) * accumulation * processes
+        batch = PolicyBatch(
+            logprobs=per_token_logps,
+            advantages=inputs["advantages"],
+            mask=valid,
+            old_logprobs=old,
+            rollout_logprobs=rollout,
+            global_num_tokens=tokens,
+            global_num_seqs=float(valid.shape[0] * accumulation * processes),
+            dp_size=processes,
+        )
+        trl_is_on = bool(self.use_vllm and self.vllm_importance_sampling_correction)
+        loss_fn, translated = self._sa_loss_for(trl_is_on)
+        out = loss_fn(batch)
+        loss = out.loss
+        metrics[_PREFIX + "trl_is_applied"] = translated
+        metrics.update(out.metrics)
+
+        if self.beta != 0.0:
+            per_token_kl = k3(inputs["ref_per_token_logps"], per_token_logps)
+            if self.args.use_bias_correction_kl:  # TRL's own KL weighting (its default), reproduced as TRL does it
+                log_ratio = per_token_logps - batch.old_logprobs
+                if self.importance_sampling_level == "sequence":
+                    log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+                per_token_kl = per_token_kl * torch.exp(log_ratio)
+            loss = loss + self.beta * aggregate(
+                per_token_kl,
+                valid,
+                loss_fn.config.aggregation,
+                global_num_tokens=batch.global_num_tokens,
+                global_num_seqs=batch.global_num_seqs,
+                dp_size=batch.dp_size,
+                norm_length=loss_fn.config.norm_length,
+            )
+            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl.detach(), valid))
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, valid))
+
+        if mode == "train":
+            self._sa_ess_pieces.append((per_token_logps.detach() - rollout.to(per_token_logps.dtype), valid))
+            if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
+                ess = self._sa_step_ess()
+                metrics[_PREFIX + "ess_ratio"] = ess.ess_ratio
+                if self._sa_ess_lr is not None:
+                    self._sa_ess_lr.set_ess_ratio(ess.ess_ratio)
+        self._sa_log(metrics, mode, gather=True)
+        return loss
+
+    def _sa_step_ess(self) -> Any:
+        """Sequence-level ESS of log π_θ − log μ over every micro-batch of the step, all ranks."""
+        pieces, self._sa_ess_pieces = self._sa_ess_pieces, []
+        length = max(lw.shape[1] for lw, _ in pieces)
+        log_w = torch.cat([torch.nn.functional.pad(lw, (0, length - lw.shape[1])) for lw, _ in pieces])
+        mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
+        return effective_sample_size(log_w, mask, level="sequence")
+
+    # ------------------------------------------------------------------ metrics
+    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        totals = torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _sa_log(self, metrics: Mapping[str, float], mode: str, gather: bool) -> None:
+        """Append metrics to TRL's ``self._metrics[mode]`` under translated names (rank mean if ``gather``)."""
+        names, values = [], []
+        for name, value in metrics.items():
+            if name in _DROPPED_METRICS:
+                continue
+            names.append(_TRL_METRIC_NAMES.get(name, name if name.startswith(_PREFIX) else _PREFIX + name))
+            values.append(float(value))
+        if not names:
+            return
+        if gather and self.accelerator.num_processes > 1:
+            local = torch.tensor([values], dtype=torch.float32, device=self.accelerator.device)
+            values = self.accelerator.gather(local).nanmean(0).tolist()
+        for name, value in zip(names, values, strict=True):
+            if not math.isnan(value):  # e.g. gac/cos at the first step; TRL's log() would average a NaN in
+                self._metrics[mode][name].append(value)

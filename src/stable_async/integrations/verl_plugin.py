@@ -1,0 +1,67 @@
+"""Entry point of ``pip install stable-async[verl]``: veRL calls `load` on ``import verl``, in every process.
+
+``pyproject.toml`` declares ``[project.entry-points."verl.plugins"] stable_async =
+"stable_async.integrations.verl_plugin:load"``. veRL 0.9.1 resolves every entry point of that
+group at the end of ``verl/__init__.py`` with ``EntryPoint.load()``, which *imports this module
+and looks up* ``load`` but does not call it: so importing this module registers the losses (the
+last line below), and `load` is the same, idempotent, for explicit use. veRL logs a failing
+plugin only at *debug* level, so a broken
+install would silently leave ``loss_mode=sa_*`` unknown ("Unsupported loss mode") much later.
+`load` therefore logs any failure at ERROR level itself, and under ``STABLE_ASYNC_STRICT=1``
+raises `StrictPluginFailure` (a ``BaseException``, which veRL's ``except Exception`` does not
+swallow), aborting ``import verl``.
+
+Cheap: imports the adapter (which imports ``verl.trainer.ppo.core_algos``, already loaded by
+most veRL entry points) and fills the policy-loss registry; nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger("stable_async.integrations.verl")
+
+STRICT_ENV = "STABLE_ASYNC_STRICT"
+
+
+class StrictPluginFailure(BaseException):
+    """A failed plugin load under ``STABLE_ASYNC_STRICT=1``.
+
+    A `BaseException`, not an `Exception`, on purpose: veRL's loader catches ``Exception``.
+    """
+
+
+def strict_mode() -> bool:
+    """True when ``STABLE_ASYNC_STRICT`` is set to 1/true/yes/on."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load() -> list[str]:
+    """Register every stable-async loss in veRL as ``sa_<name>``; idempotent. Returns the registered names."""
+    try:
+        adapter = sys.modules.get("stable_async.integrations.verl")
+        if adapter is not None and not hasattr(adapter, "register_all"):
+            # The adapter is being imported (its import of veRL brought us here); it registers at its end.
+            return []
+        from stable_async.integrations import verl as adapter
+
+        return adapter.register_all()
+    except StrictPluginFailure:
+        raise  # register_all already logged each failure at ERROR level
+    except Exception as exc:
+        logger.error(
+            "stable-async: the veRL plugin failed to load (%s: %s); loss modes sa_* are NOT registered. "
+            "Set %s=1 to make this fatal.",
+            type(exc).__name__,
+            exc,
+            STRICT_ENV,
+        )
+        if strict_mode():
+            raise StrictPluginFailure(f"stable-async veRL plugin failed: {type(exc).__name__}: {exc}") from exc
+        return []
+
+
+# veRL's loader imports this module and never calls `load`: register on import.
+REGISTERED: list[str] = load()

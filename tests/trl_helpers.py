@@ -1,0 +1,95 @@
+"""Helpers for tests that drive TRL's real GRPOTrainer on a tiny offline model (importable as ``trl_helpers``).
+
+Rollouts come from a ``rollout_func`` returning random completions and "engine" log-probs, so no
+generation backend is needed. ``pretend_vllm`` makes TRL believe those completions came from vLLM
+(with a no-op weight sync), so TRL computes its old log-probs and its IS ratio itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+GROUP = 4
+MAX_COMPLETION = 6
+
+
+def stub_rollout_func(tokenizer, seed=0, nan_every=0):
+    """A ``rollout_func``: random completions (1..MAX_COMPLETION tokens) and log-probs around −3.
+
+    ``nan_every=k`` > 0 reports every k-th token's log-prob as None (vLLM's "unscored").
+    """
+    gen = torch.Generator().manual_seed(seed)
+    counter = [0]
+
+    def rollout(prompts, trainer):
+        completions, logprobs = [], []
+        for _ in prompts:
+            n = int(torch.randint(1, MAX_COMPLETION + 1, (1,), generator=gen))
+            completions.append([int(x) for x in torch.randint(3, 32, (n,), generator=gen)])
+            lps = []
+            for x in -3.0 - 0.5 * torch.randn(n, generator=gen):
+                counter[0] += 1
+                lps.append(None if nan_every and counter[0] % nan_every == 0 else float(x))
+            logprobs.append(lps)
+        return {
+            "prompt_ids": [tokenizer(p)["input_ids"] for p in prompts],
+            "completion_ids": completions,
+            "logprobs": logprobs,
+        }
+
+    return rollout
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c) % 3) for c in completions]
+
+
+def grpo_config(tmp_path, **overrides):
+    import trl
+
+    settings = {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": [],
+        "per_device_train_batch_size": GROUP,
+        "num_generations": GROUP,
+        "max_completion_length": MAX_COMPLETION,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "learning_rate": 1e-3,
+        "seed": 0,
+        "optim": "sgd",  # fused AdamW's first call costs ~0.5 s per trainer on CPU
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    return trl.GRPOConfig(**settings)
+
+
+def make_trainer(trainer_cls, tiny_model, tmp_path, *, seed=0, vllm=False, nan_every=0, trainer_kwargs=None, **config):
+    """A ``trainer_cls`` (GRPOTrainer or StableGRPOTrainer) on the tiny model with a stub rollout_func."""
+    import datasets
+
+    path, tokenizer = tiny_model
+    trainer = trainer_cls(
+        model=path,
+        reward_funcs=length_reward,
+        args=grpo_config(tmp_path, **config),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS * 2}),
+        processing_class=tokenizer,
+        rollout_func=stub_rollout_func(tokenizer, seed, nan_every=nan_every),
+        **(trainer_kwargs or {}),
+    )
+    if vllm:
+        pretend_vllm(trainer)
+    return trainer
+
+
+def pretend_vllm(trainer):
+    """Make TRL treat the rollout_func's log-probs as vLLM's: it computes old log-probs and its IS ratio."""
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer._last_loaded_step = trainer.state.global_step
+    trainer.vllm_generation = type("NoSync", (), {"sync_weights": lambda self: None})()
