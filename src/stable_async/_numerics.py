@@ -30,24 +30,42 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     return zeroed.sum() if dim is None else zeroed.sum(dim=dim)
 
 
+def mask_count(mask: torch.Tensor, dtype: torch.dtype, dim: int | None = None) -> torch.Tensor:
+    """Σ mask in ``dtype``; a bool mask is counted in integers (exact, no float copy of the mask)."""
+    if mask.dtype == torch.bool:
+        count = mask.sum() if dim is None else mask.sum(dim=dim)
+        return count.to(dtype)
+    return mask.to(dtype).sum() if dim is None else mask.to(dtype).sum(dim=dim)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Σ mask·values / Σ mask, and 0 where the mask is empty (never 0/0)."""
-    count = mask.to(values.dtype).sum() if dim is None else mask.to(values.dtype).sum(dim=dim)
-    return masked_sum(values, mask, dim) / count.clamp(min=1.0)
+    return masked_sum(values, mask, dim) / mask_count(mask, values.dtype, dim).clamp(min=1.0)
+
+
+def _masked_extreme(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
+    m = mask.bool()
+    if not values.dtype.is_floating_point or m.shape != values.shape:
+        if not bool(m.any()):
+            return torch.zeros((), dtype=values.dtype, device=values.device)
+        return values[m].max() if largest else values[m].min()
+    # A fill that never wins, one reduction, and no host sync (no boolean indexing, no ``if mask.any()``).
+    fill = torch.full((), float("-inf") if largest else float("inf"), dtype=values.dtype, device=values.device)
+    filled = torch.where(m, values, fill)
+    if not filled.numel():
+        return torch.zeros((), dtype=values.dtype, device=values.device)
+    out = filled.max() if largest else filled.min()
+    return torch.where(m.any(), out, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Largest valid value, 0 where nothing is valid."""
-    if not bool(mask.any()):
-        return torch.zeros((), dtype=values.dtype, device=values.device)
-    return values[mask.bool()].max()
+    return _masked_extreme(values, mask, largest=True)
 
 
 def masked_min(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Smallest valid value, 0 where nothing is valid."""
-    if not bool(mask.any()):
-        return torch.zeros((), dtype=values.dtype, device=values.device)
-    return values[mask.bool()].min()
+    return _masked_extreme(values, mask, largest=False)
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, *, mean: bool) -> torch.Tensor:
@@ -55,4 +73,4 @@ def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, *, mean: boo
     total = masked_sum(log_ratio, mask, dim=-1)
     if not mean:
         return total
-    return total / mask.to(log_ratio.dtype).sum(dim=-1).clamp(min=1.0)
+    return total / mask_count(mask, log_ratio.dtype, dim=-1).clamp(min=1.0)

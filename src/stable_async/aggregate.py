@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from stable_async._numerics import masked_sum
+from stable_async._numerics import mask_count, masked_sum
 
 AGGREGATION_MODES = (
     "token-mean",
@@ -44,7 +44,10 @@ def check_aggregation(mode: str, argument: str = "aggregation") -> str:
     return mode
 
 
-def _denominator(local: torch.Tensor, global_count: float | None, dp_size: int) -> torch.Tensor:
+def _denominator(
+    local: torch.Tensor | None, global_count: float | None, dp_size: int, like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The count to divide by: the global one if given, else ``local`` (computed only when needed)."""
     if global_count is None:
         if dp_size != 1:
             raise ValueError(
@@ -53,7 +56,8 @@ def _denominator(local: torch.Tensor, global_count: float | None, dp_size: int) 
             )
         count = local
     else:
-        count = torch.as_tensor(float(global_count), dtype=local.dtype, device=local.device)
+        ref = local if local is not None else like
+        count = torch.as_tensor(float(global_count), dtype=ref.dtype, device=ref.device)
     return count
 
 
@@ -94,14 +98,15 @@ def aggregate(
             f"{tuple(loss_mat.shape)} and {tuple(mask.shape)}"
         )
     m = mask.bool()
-    mf = m.to(loss_mat.dtype)
     if mode in ("token-mean", "token-sum"):
         total = masked_sum(loss_mat, m)
         if mode == "token-sum":
-            return total * dp_size
-        return _safe_divide(total, _denominator(mf.sum(), global_num_tokens, dp_size)) * dp_size
+            return total * dp_size if dp_size != 1 else total
+        count = mask_count(m, loss_mat.dtype) if global_num_tokens is None else None
+        loss = _safe_divide(total, _denominator(count, global_num_tokens, dp_size, loss_mat))
+        return loss * dp_size if dp_size != 1 else loss
 
-    seq_tokens = mf.sum(-1)
+    seq_tokens = mask_count(m, loss_mat.dtype, dim=-1)
     seq_valid = seq_tokens > 0
     seq_sum = masked_sum(loss_mat, m, dim=-1)
     seq_loss = seq_sum / seq_tokens.clamp(min=1.0) if mode == "seq-mean-token-mean" else seq_sum
@@ -123,4 +128,6 @@ def aggregate_sequences(
 ) -> torch.Tensor:
     """Mean of per-sequence losses over valid sequences, with the same DP convention."""
     total = masked_sum(seq_loss, seq_valid)
-    return _safe_divide(total, _denominator(seq_valid.to(seq_loss.dtype).sum(), global_num_seqs, dp_size)) * dp_size
+    count = mask_count(seq_valid.bool(), seq_loss.dtype) if global_num_seqs is None else None
+    loss = _safe_divide(total, _denominator(count, global_num_seqs, dp_size, seq_loss))
+    return loss * dp_size if dp_size != 1 else loss

@@ -66,6 +66,24 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: st
         raise BatchValidationError(f"{name}: expected shape {expected} ({what}), got {_describe(t)}")
 
 
+def _all_finite(tensors: list[torch.Tensor | None]) -> list[bool]:
+    """Per tensor: True if every value is certainly finite (False: unknown, check position by position).
+
+    One reduction per tensor and one host sync for all: a sum is finite only if every term is
+    (any NaN/inf makes it NaN/inf). A finite tensor whose sum overflows reads as False, which
+    only sends it to the exact path. ``None`` entries give True.
+    """
+    present = [t for t in tensors if t is not None and t.numel()]
+    if not present:
+        return [True] * len(tensors)
+    sums = []
+    for t in present:
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        sums.append(t.detach().sum(dtype=acc).to(device=present[0].device, dtype=torch.float64))
+    flags = iter(torch.isfinite(torch.stack(sums)).tolist())
+    return [True if t is None or not t.numel() else bool(next(flags)) for t in tensors]
+
+
 @dataclass
 class PolicyBatch:
     """The validated input of every stable-async loss.
@@ -129,9 +147,11 @@ class PolicyBatch:
         if mask.dtype != torch.bool:
             if mask.dtype.is_complex:
                 raise BatchValidationError(f"mask: expected bool or 0/1 values, got {_describe(mask)}")
-            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+            nonzero = mask != 0
+            # 0/1 values iff every nonzero entry is 1: two counts instead of a full-size 0-or-1 test.
+            if mask.numel() and int((mask == 1).sum()) != int(nonzero.sum()):
                 raise BatchValidationError("mask: expected bool or 0/1 values, found other values")
-            mask = mask != 0
+            mask = nonzero
         self.mask = mask
 
         adv = _check_tensor("advantages", self.advantages)
@@ -146,24 +166,29 @@ class PolicyBatch:
             _check_shape("advantages", adv, (B, T), "(B,) or (B, T) with B, T from logprobs")
 
         self.dtype = compute_dtype(lp, adv, self.old_logprobs, self.rollout_logprobs)
-        self.logprobs = self._clean("logprobs", lp)
-        self.advantages = self._clean("advantages", adv)
-
-        if self.old_logprobs is None:
-            self.old_logprobs = self.logprobs.detach()
-        else:
+        old = ro = None
+        if self.old_logprobs is not None:
             old = _check_tensor("old_logprobs", self.old_logprobs)
             same_device("old_logprobs", old)
             _check_float("old_logprobs", old)
             _check_shape("old_logprobs", old, (B, T), "same as logprobs")
-            self.old_logprobs = self._clean("old_logprobs", old.detach())
-
         if self.rollout_logprobs is not None:
             ro = _check_tensor("rollout_logprobs", self.rollout_logprobs)
             same_device("rollout_logprobs", ro)
             _check_float("rollout_logprobs", ro)
             _check_shape("rollout_logprobs", ro, (B, T), "same as logprobs")
-            self.rollout_logprobs = self._clean("rollout_logprobs", ro.detach())
+        # One fused finiteness screen (one host sync) for the (B, T) float fields; only a tensor
+        # that fails it (or needs a cast) takes the exact, per-position path of `_clean`.
+        # ``self.advantages`` is the unexpanded input: the same values, fewer to read.
+        finite = _all_finite([lp, self.advantages, old, ro])
+        self.logprobs = self._clean("logprobs", lp, known_finite=finite[0])
+        self.advantages = self._clean("advantages", adv, known_finite=finite[1])
+        if old is None:
+            self.old_logprobs = self.logprobs.detach()
+        else:
+            self.old_logprobs = self._clean("old_logprobs", old.detach(), known_finite=finite[2])
+        if ro is not None:
+            self.rollout_logprobs = self._clean("rollout_logprobs", ro.detach(), known_finite=finite[3])
 
         for name in ("rewards", "group_ids"):
             value = getattr(self, name)
@@ -215,6 +240,12 @@ class PolicyBatch:
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise BatchValidationError(f"topk_ids: expected an integer dtype, got {_describe(ids)}")
         K = None
+        finite = dict(
+            zip(
+                ("topk_logprobs", "current_topk_logprobs"),
+                _all_finite([self._float_or_none(lps), self._float_or_none(cur)]),
+            )
+        )
         for name in ("topk_ids", "topk_logprobs", "current_topk_logprobs"):
             t = getattr(self, name)
             if t is None:
@@ -231,14 +262,34 @@ class PolicyBatch:
                 )
             if name != "topk_ids":
                 _check_float(name, t)
-                cleaned = self._clean(name, t if name == "current_topk_logprobs" else t.detach(), extra_dim=True)
+                cleaned = self._clean(
+                    name,
+                    t if name == "current_topk_logprobs" else t.detach(),
+                    extra_dim=True,
+                    known_finite=finite[name],
+                )
                 setattr(self, name, cleaned)
 
-    def _clean(self, name: str, t: torch.Tensor, extra_dim: bool = False) -> torch.Tensor:
-        """Cast to the compute dtype, check finiteness where valid, zero the masked positions."""
-        valid = self.mask.unsqueeze(-1).expand_as(t) if extra_dim else self.mask
+    @staticmethod
+    def _float_or_none(t: Any) -> torch.Tensor | None:
+        """``t`` if it is a floating tensor (worth a finiteness screen), else None (validated later)."""
+        return t if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else None
+
+    def _clean(
+        self, name: str, t: torch.Tensor, extra_dim: bool = False, known_finite: bool | None = None
+    ) -> torch.Tensor:
+        """Cast to the compute dtype, check finiteness where valid, zero the masked positions.
+
+        ``known_finite=True`` (every value is finite, from `_all_finite`) skips the per-position
+        work for a tensor already in the compute dtype: it is returned as given.
+        """
         if not t.numel():
             return t.to(self.dtype)
+        if known_finite is None:
+            known_finite = _all_finite([t])[0]
+        if known_finite and t.dtype == self.dtype:
+            return t
+        valid = self.mask.unsqueeze(-1).expand_as(t) if extra_dim else self.mask
         finite = torch.isfinite(t)
         if self.check_finite:
             bad = ~finite & valid

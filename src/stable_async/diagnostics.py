@@ -153,9 +153,13 @@ def mismatch_kl(
 
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token mean of −log(π_θ/π_old): veRL's ``actor/ppo_kl``."""
-    return masked_mean((old_logprobs - logprobs).detach(), mask)
+    return masked_mean(old_logprobs.detach() - logprobs.detach(), mask)
 
 
 def fraction(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token mean of a boolean condition over valid positions (a clip or mask fraction)."""
+    """Token mean of a boolean condition over valid positions (a clip or mask fraction), fp32."""
+    if condition.dtype == torch.bool and mask.dtype == torch.bool and condition.shape == mask.shape:
+        # Integer counts: exact, and no float copies of the condition or the mask.
+        hits = (condition & mask).sum().to(torch.float32)
+        return hits / mask.sum().to(torch.float32).clamp(min=1.0)
     return masked_mean(condition.to(torch.float32), mask)

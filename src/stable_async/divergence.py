@@ -177,10 +177,17 @@ class _GatherLogSoftmax(torch.autograd.Function):
         logits, ids, lse = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         total = grad_out.sum(dim=-1, keepdim=True)
+        in_place = logits.dtype == lse.dtype  # compute each block inside the gradient: no block temporary
         for block in _row_blocks(tuple(logits.shape[:-1]), ctx.chunk_rows):
-            part = (logits[block].to(lse.dtype) - lse[block].unsqueeze(-1)).exp_().mul_(-total[block])
+            if in_place:
+                part = grad[block]
+                torch.sub(logits[block], lse[block].unsqueeze(-1), out=part)
+            else:
+                part = logits[block].to(lse.dtype) - lse[block].unsqueeze(-1)
+            part.exp_().mul_(-total[block])
             part.scatter_add_(-1, ids[block], grad_out[block])
-            grad[block] = part
+            if not in_place:
+                grad[block] = part
         return grad, None, None
 
 

@@ -133,7 +133,16 @@ def finish_sequences(
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metric values as Python floats, with one host sync per device for all tensor values."""
     out: dict[str, float] = {}
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, value in metrics.items():
-        out[key] = float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
-    return out
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            by_device.setdefault(value.device, []).append((key, value))
+        else:
+            out[key] = float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
+    for items in by_device.values():
+        # fp64 holds every fp16/bf16/fp32 value exactly, so this equals float(value.item()).
+        values = torch.stack([v.detach().reshape(()).to(torch.float64) for _, v in items]).tolist()
+        out.update((key, float(v)) for (key, _), v in zip(items, values))
+    return {key: out[key] for key in metrics}

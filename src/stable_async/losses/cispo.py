@@ -37,7 +37,7 @@ class CISPOConfig(LossConfig):
 @register_loss("cispo", config=CISPOConfig)
 def cispo(batch: PolicyBatch, config: CISPOConfig) -> LossOutput:
     """CISPO (see module docstring)."""
-    ratio = safe_exp(batch.logprobs - batch.old_logprobs).detach()
+    ratio = safe_exp(batch.logprobs.detach() - batch.old_logprobs)  # no graph: the weight is detached
     weight = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     loss_mat = -weight * batch.advantages * batch.logprobs
     metrics = {

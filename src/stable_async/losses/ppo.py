@@ -57,13 +57,14 @@ def clipped_surrogate(
     Shared by ``ppo``, ``gspo``/``gspo_token`` (sequence ratio) and ``decoupled_ppo``.
     """
     unclipped_ratio = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
-    loss_unclipped = -advantages * unclipped_ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    neg_adv = -advantages.detach() if not advantages.requires_grad else -advantages
+    loss_unclipped = neg_adv * unclipped_ratio
+    loss_clipped = neg_adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
     if dual_clip is None:
         return loss, clipped, torch.zeros_like(clipped)
-    dual_bound = -advantages * dual_clip
+    dual_bound = neg_adv * dual_clip
     negative = advantages < 0
     dual_active = (loss > dual_bound) & negative
     return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
@@ -78,7 +79,8 @@ def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     )
     metrics = {
         "actor/pg_clipfrac": fraction(clipped, batch.mask),
-        "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask),
+        # Without a dual clip the bound is never active: 0 exactly, without a pass over the tokens.
+        "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask) if config.dual_clip is not None else 0.0,
         "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
     }
     return finish(batch, config, loss_mat, metrics)
