@@ -141,7 +141,11 @@ def run_training(args) -> tuple[dict, str]:
         + "\n\n"
         + table(headers, lines, args.markdown)
         + "\n\nSketch cosine error |cos_sketch − cos_exact| (max over 3 hash seeds):\n\n"
-        + table(["gradient pair", "exact cos", *(f"sketch_dim={d}" for d in dims)], err_lines, args.markdown)
+        + table(
+            ["gradient pair", "exact cos", *("default" if d is None else f"sketch_dim={d}" for d in dims)],
+            err_lines,
+            args.markdown,
+        )
     )
     return res, text
 

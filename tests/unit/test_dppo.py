@@ -225,3 +225,29 @@ def test_correction_composes(gen):
     w = corr(batch).weights
     assert corrected.loss.item() == pytest.approx((plain.per_token_loss * w)[batch.mask].sum().item(), abs=1e-12)
     assert any(k.startswith("rollout_corr/") for k in corrected.metrics)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("deltas", [(0.05, 0.05), (0.02, 0.3)])
+def test_binary_fast_paths_match_reference_divergence_and_mask(dtype, deltas):
+    """The fused binary paths give bit-identical divergences and the same mask as `binary_kl` /
+    `binary_tv` + `trust_region_mask`, including p or q at 1, tiny probabilities and the ln 2 boundary."""
+    from stable_async.losses.dppo import _binary_kl_parts, _binary_tv_parts
+
+    gen = torch.Generator().manual_seed(3)
+    edges = torch.tensor([0.0, -0.0, -1e-12, -1e-7, -0.6931471805599453, -0.69, -0.7, -20.0, -80.0, -1e-3], dtype=dtype)
+    lq = torch.cat([-torch.rand(4000, generator=gen, dtype=dtype) * 4, edges.repeat_interleave(len(edges))])
+    lp = torch.cat(
+        [(lq[:4000] + 0.3 * torch.randn(4000, generator=gen, dtype=dtype)).clamp(max=0.0), edges.repeat(len(edges))]
+    )
+    adv = torch.randn(lq.shape, generator=gen, dtype=dtype)
+    adv[::7] = 0.0
+    lp, lq, adv = lp[None], lq[None], adv[None]
+    low, high = deltas
+    cfg = DPPOKLConfig(delta_low=low, delta_high=high)
+    for parts, ref in ((_binary_kl_parts, D.binary_kl), (_binary_tv_parts, D.binary_tv)):
+        div, dropped = parts(lp, lq, cfg, adv)
+        expected = ref(lp, lq)
+        assert torch.equal(div.isnan(), expected.isnan())
+        assert torch.equal(torch.nan_to_num(div), torch.nan_to_num(expected))
+        assert torch.equal(dropped, trust_region_mask(lp, lq, adv, expected, low, high))

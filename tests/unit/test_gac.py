@@ -217,12 +217,28 @@ def test_sketch_memory_cosine_error_within_005(gen):
     assert n > 99_000
     for seed, cos in enumerate([-0.8, -0.3, 0.0, 0.3, 0.6, 0.95]):
         params = make_params(shapes, dtype=torch.float32)
-        gac = GradientAlignmentControl(params, mode="monitor", memory="sketch", seed=seed)
+        gac = GradientAlignmentControl(params, mode="monitor", memory="sketch", seed=seed, sketch_dim=8192)
         g_prev, g = pair_with_cosine(n, cos, gen)
         _, m = run_pair(gac, params, g_prev, g)
         assert abs(m["gac/cos"] - cos) <= 0.05, (cos, m["gac/cos"])
         assert m["gac/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-5)  # the norm is exact
-    assert gac._prev[0].numel() == gac.sketch_dim and gac._prev[2].numel() == 77
+    assert gac._prev[0].numel() == 8192 and gac._prev[1].numel() == 1696 and gac._prev[2].numel() == 77
+
+
+def test_default_sketch_budget_within_1pct_and_cosine_error_within_005(gen):
+    """The default budget (max(1024, numel/256) per tensor) stores < 1 % of a model whose parameters sit
+    in large tensors, and still estimates the cosine within 0.05."""
+    shapes = [(1024, 1536), (1536, 512), (1536,), (512,), (7, 11)]  # ≈2.4M parameters
+    n = n_params(shapes)
+    for seed, cos in enumerate([-0.8, 0.0, 0.5, 0.95]):
+        params = make_params(shapes, dtype=torch.float32)
+        gac = GradientAlignmentControl(params, mode="monitor", memory="sketch", seed=seed)
+        g_prev, g = pair_with_cosine(n, cos, gen)
+        _, m = run_pair(gac, params, g_prev, g)
+        assert abs(m["gac/cos"] - cos) <= 0.05, (cos, m["gac/cos"])
+    stored = sum(t.numel() for t in gac._prev)
+    assert stored <= 0.01 * n, stored / n
+    assert [t.numel() for t in gac._prev] == [6144, 3072, 1024, 512, 77] == gac.sketch_dims
 
 
 def test_count_sketch_inner_product_unbiased(gen):

@@ -73,10 +73,27 @@ def clipped_surrogate(
 @register_loss("ppo", config=PPOConfig)
 def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     """PPO-clip (see module docstring)."""
-    ratio = safe_exp(batch.logprobs - batch.old_logprobs)
+    log_ratio = batch.logprobs - batch.old_logprobs
+    ratio = safe_exp(log_ratio)
     loss_mat, clipped, dual_active = clipped_surrogate(
         ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip, config.ratio_cap
     )
+    mask = batch.mask
+    if mask.dtype == torch.bool and log_ratio.shape == mask.shape and clipped.shape == mask.shape:
+        # One valid-token count for every metric, and actor/ppo_kl from the log-ratio already computed
+        # (old − new = −(new − old) exactly, so −Σ(new − old) is the same number as Σ(old − new)).
+        n = mask.sum()
+        n_frac = n.to(torch.float32).clamp(min=1.0)
+        zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+        kl = -torch.where(mask, log_ratio.detach(), zero).sum() / n.to(log_ratio.dtype).clamp(min=1.0)
+        metrics = {
+            "actor/pg_clipfrac": (clipped & mask).sum().to(torch.float32) / n_frac,
+            "actor/pg_clipfrac_lower": (dual_active & mask).sum().to(torch.float32) / n_frac
+            if config.dual_clip is not None
+            else 0.0,
+            "actor/ppo_kl": kl,
+        }
+        return finish(batch, config, loss_mat, metrics)
     metrics = {
         "actor/pg_clipfrac": fraction(clipped, batch.mask),
         # Without a dual clip the bound is never active: 0 exactly, without a pass over the tokens.

@@ -18,7 +18,8 @@ Defaults: mode="project", τ=0.5, λ=1.0, one-sided, fixed τ, keep="raw", memor
 The paper's own defaults are unknown; these are ours.
 
 Costs: one stored gradient (``memory="full"``: a copy in fp32, or fp64 for fp64 grads;
-``"bf16"``: half of that; ``"sketch"``: ``sketch_dim`` numbers per parameter tensor), one pass
+``"bf16"``: half of that; ``"sketch"``: by default max(1024, numel/256) numbers per parameter
+tensor, ≈ 0.4 % of the parameters), one pass
 over the gradients for three local sums (⟨g_t, g_{t−1}⟩, ‖g_t‖², ‖g_{t−1}‖², never a
 concatenated copy), **one** SUM all-reduce of those numbers when the gradient is sharded, one
 host sync, and one more pass to project. Full details and the alternatives: docs/gac.md.
@@ -44,7 +45,8 @@ MODES = ("project", "skip", "monitor")
 MEMORY_MODES = ("full", "bf16", "sketch")
 KEEP_MODES = ("raw", "regulated")
 ACTIONS = ("pass", "project", "skip")  # gac/action = index in this tuple
-DEFAULT_SKETCH_DIM = 8192
+DEFAULT_SKETCH_FRACTION = 1 / 256  # default sketch budget: this fraction of each tensor's numel ...
+MIN_SKETCH_DIM = 1024  # ... but at least this many numbers (tensors up to this size are stored exactly)
 _SKETCH_CHUNK = 1 << 22  # elements hashed at once (bounds the temporary index tensor)
 _MASK64 = (1 << 64) - 1
 
@@ -98,19 +100,30 @@ def count_sketch(flat: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     ⟨S a, S b⟩ is unbiased for ⟨a, b⟩ with variance (‖a‖²‖b‖² + ⟨a,b⟩² − 2Σa_j²b_j²)/dim, as for
     a dense Rademacher sketch, at O(numel) cost instead of O(numel·dim). Tensors with at most
     ``dim`` elements are returned exactly (a copy).
+
+    The hash code c ∈ [0, 2·dim) gives bucket c >> 1 and sign − for odd c. Instead of building the
+    signs and the bucket index (five elementwise passes), the values are accumulated into 2·dim
+    slots indexed by c itself, and the sketch is slot 2b minus slot 2b+1: the same map, one pass.
     """
     dtype = _work_dtype(flat)
     if flat.numel() <= dim:
         return flat.to(dtype, copy=True)
-    out = torch.zeros(dim, dtype=dtype, device=flat.device)
+    slots = torch.zeros(2 * dim, dtype=dtype, device=flat.device)
     gen = torch.Generator(device=flat.device)
     gen.manual_seed(seed)
     for start in range(0, flat.numel(), _SKETCH_CHUNK):
         chunk = flat[start : start + _SKETCH_CHUNK].to(dtype)
         code = torch.randint(0, 2 * dim, (chunk.numel(),), generator=gen, device=flat.device)
-        sign = (code & 1).to(dtype).mul_(-2.0).add_(1.0)  # lowest bit → ±1, the rest → bucket
-        out.index_add_(0, code >> 1, chunk * sign)
-    return out
+        slots.index_add_(0, code, chunk)
+    pairs = slots.view(dim, 2)
+    return pairs[:, 0] - pairs[:, 1]
+
+
+def default_sketch_dim(numel: int) -> int:
+    """Default sketch size of one tensor: ``numel / 256`` rounded up, at least ``MIN_SKETCH_DIM``,
+    at most ``numel`` (exact). ≈ 0.4 % of the parameter memory on models whose parameters sit in
+    tensors much larger than 256k elements (LLMs); at most ``MIN_SKETCH_DIM`` per small tensor."""
+    return min(numel, max(MIN_SKETCH_DIM, math.ceil(numel * DEFAULT_SKETCH_FRACTION)))
 
 
 class GradientAlignmentControl:
@@ -145,8 +158,11 @@ class GradientAlignmentControl:
             mode, if given, c_t > τ_skip skips the step and τ < c_t ≤ τ_skip projects.
         keep: store the ``"raw"`` g_t (default) or the ``"regulated"`` one (after projection; a
             skipped step keeps the previous stored gradient, since nothing was applied).
-        sketch_dim: sketch size per parameter tensor (memory="sketch"); cosine error std is about
-            (1 − c²)/√sketch_dim or less.
+        sketch_dim: sketch size per parameter tensor (memory="sketch"). ``None`` (default): a budget
+            proportional to each tensor, ``max(1024, ⌈numel/256⌉)`` (capped at numel, then exact), so
+            the stored sketch is ≈ 0.4 % of the parameter memory on LLM-sized models; an int: that size
+            for every tensor (8192 was the former default). The cosine error std is about
+            (1 − c²)/√(total sketch size) or less (≤ 0.02 at 1M+ parameters with the default).
         seed: seed of the sketch hash (mixed with the parameter index and, if sharded, the rank).
     """
 
@@ -166,7 +182,7 @@ class GradientAlignmentControl:
         one_sided: bool = True,
         skip_threshold: float | None = None,
         keep: str = "raw",
-        sketch_dim: int = DEFAULT_SKETCH_DIM,
+        sketch_dim: int | None = None,
         seed: int = 0,
     ) -> None:
         self.params = _collect_params(params)
@@ -179,7 +195,9 @@ class GradientAlignmentControl:
             _check_range("skip_threshold", skip_threshold, -1.0, 1.0)
         _check_range("adaptive_k", adaptive_k, 0.0, math.inf)
         _check_range("adaptive_momentum", adaptive_momentum, 0.0, 1.0, closed_high=False)
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+        if sketch_dim is not None and (
+            isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
+        ):
             raise ValueError(f"GradientAlignmentControl: sketch_dim must be a positive int, got {sketch_dim!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"GradientAlignmentControl: seed must be an int, got {seed!r}")
@@ -209,6 +227,10 @@ class GradientAlignmentControl:
         self._prev: list[torch.Tensor | None] = [None] * len(self.params)
         self._has_prev = False
         self._n_obs, self._ema_mean, self._ema_sq = 0, 0.0, 0.0
+        self.sketch_dims = [self._sketch_dim_of(_local(p).numel()) for p in self.params]
+
+    def _sketch_dim_of(self, numel: int) -> int:
+        return default_sketch_dim(numel) if self.sketch_dim is None else min(numel, self.sketch_dim)
 
     # -- threshold ---------------------------------------------------------------------------
     def current_threshold(self) -> float:
@@ -257,7 +279,8 @@ class GradientAlignmentControl:
             f = flat.to(dtype)
             gg = torch.dot(f, f)
             if self.memory == "sketch":
-                s = sketches[i] = count_sketch(flat, self.sketch_dim, _mix_seed(self.seed, i, seed_rank))
+                dim = self._sketch_dim_of(flat.numel())
+                s = sketches[i] = count_sketch(flat, dim, _mix_seed(self.seed, i, seed_rank))
                 prev = self._prev[i]
                 zero = torch.zeros((), dtype=dtype, device=g.device)
                 dot = torch.dot(s, prev.to(dtype)) if prev is not None else zero
@@ -376,7 +399,7 @@ class GradientAlignmentControl:
             saved = (state["sketch_dim"], state["seed"], state["sketch_rank"])
             if saved != (self.sketch_dim, self.seed, self._sketch_seed_rank()):
                 return f"sketch (sketch_dim, seed, rank) = {saved} in the checkpoint, differs now"
-            expected = [min(_local(p).numel(), self.sketch_dim) for p in self.params]
+            expected = [self._sketch_dim_of(_local(p).numel()) for p in self.params]
         else:
             expected = [_local(p).numel() for p in self.params]
         for i, (t, n) in enumerate(zip(state["prev"], expected, strict=True)):
