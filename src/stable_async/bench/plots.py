@@ -1,0 +1,106 @@
+"""PNG plots (matplotlib, Agg backend; matplotlib is the ``bench`` extra, imported only here).
+
+Per task: ``success_vs_step_<task>.png`` (one panel per lag, one line per method, mean over
+seeds with the min–max band), ``success_vs_lag_<task>.png`` (final success and AUC against
+the lag), ``ess_trace_<task>.png`` and ``grad_cos_trace_<task>.png`` (per-step ESS/N and
+consecutive-gradient cosine, smoothed, one panel per lag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stable_async.bench.report import summarize_cells
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(y) < window:
+        return y
+    kernel = np.ones(window) / window
+    return np.convolve(np.nan_to_num(y, nan=0.0), kernel, mode="valid")
+
+
+def _panels(plt: Any, n: int) -> tuple[Any, list[Any]]:
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _per_lag_plot(plt: Any, records: Sequence[dict[str, Any]], x_key: str, y_key: str, window: int) -> Any:
+    lags = sorted({r["lag"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
+    fig, axes = _panels(plt, len(lags))
+    for ax, lag in zip(axes, lags):
+        for color, method in zip(colors, methods):
+            runs = [r for r in records if r["lag"] == lag and r["method"] == method]
+            if not runs:
+                continue
+            ys = np.array([_smooth(np.asarray(r[y_key], dtype=float), window) for r in runs])
+            xs = np.asarray(runs[0][x_key] if x_key else np.arange(1, len(runs[0][y_key]) + 1))[-ys.shape[1] :]
+            ax.plot(xs, ys.mean(0), color=color, label=method, lw=1.4)
+            if len(runs) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.12)
+        ax.set_title(f"lag {lag}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    return fig
+
+
+def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        runs = [r for r in records if r["task"] == task]
+        figures = {
+            "success_vs_step": (_per_lag_plot(plt, runs, "eval_steps", "success", 1), "greedy success"),
+            "ess_trace": (_per_lag_plot(plt, runs, "", "trace_ess_ratio", 5), "ESS/N (π_old vs μ)"),
+            "grad_cos_trace": (_per_lag_plot(plt, runs, "", "trace_grad_cos", 5), "cos(g_t, g_t−1)"),
+        }
+        for name, (fig, ylabel) in figures.items():
+            fig.axes[0].set_ylabel(ylabel)
+            fig.suptitle(f"{task}: {ylabel}")
+            fig.tight_layout()
+            written.append(out_dir / f"{name}_{task}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+
+        cells = summarize_cells(runs)
+        lags = sorted({c["lag"] for c in cells})
+        positions = {lag: i for i, lag in enumerate(lags)}  # lags are spread unevenly: equal spacing
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for method in dict.fromkeys(c["method"] for c in cells):
+            mine = [c for c in cells if c["method"] == method]
+            xs = [positions[c["lag"]] for c in mine]
+            axes[0].plot(xs, [c["final"] for c in mine], marker="o", label=method)
+            axes[1].plot(xs, [c["auc"] for c in mine], marker="o", label=method)
+        for ax, title in zip(axes, ("final greedy success", "area under the success curve")):
+            ax.set_xticks(range(len(lags)), [str(lag) for lag in lags])
+            ax.set_xlabel("lag (training steps)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(f"{task}: success vs lag (mean over seeds)")
+        fig.tight_layout()
+        written.append(out_dir / f"success_vs_lag_{task}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
