@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-corruption", type=float, help="friction: fraction of rewards replaced by noise")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
-    p.add_argument("--from", dest="from_dir", type=Path, help="do not run: re-render DIR/results.json")
+    p.add_argument(
+        "--from", dest="from_dir", type=Path, help="do not run: re-render DIR/results.json (tables, Markdown, plots)"
+    )
     p.add_argument("--report-md", type=Path, help="also write the Markdown results section to this file")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
             methods={m.name: m.summary for m in [*METHODS.values(), *VARIANTS.values()]},
         )
         report.write_outputs(records, info, out_dir)
-        if not args.no_plots:
-            from stable_async.bench.plots import write_plots
+    if not args.no_plots:  # with --from too: re-draws the figures from the stored records
+        from stable_async.bench.plots import write_plots
 
-            write_plots(records, out_dir)
+        write_plots(records, out_dir)
     print(report.terminal_report(records))
     if args.report_md is not None:
         report.write_markdown(records, info, out_dir, args.report_md)

@@ -87,11 +87,14 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         lags = sorted({c["lag"] for c in cells})
         positions = {lag: i for i, lag in enumerate(lags)}  # lags are spread unevenly: equal spacing
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for method in dict.fromkeys(c["method"] for c in cells):
+        methods = list(dict.fromkeys(c["method"] for c in cells))
+        colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))  # one colour per method
+        for index, (color, method) in enumerate(zip(colors, methods)):
             mine = [c for c in cells if c["method"] == method]
             xs = [positions[c["lag"]] for c in mine]
-            axes[0].plot(xs, [c["final"] for c in mine], marker="o", label=method)
-            axes[1].plot(xs, [c["auc"] for c in mine], marker="o", label=method)
+            style = {"color": color, "marker": "osD^v<>"[index % 7], "label": method}
+            axes[0].plot(xs, [c["final"] for c in mine], **style)
+            axes[1].plot(xs, [c["auc"] for c in mine], **style)
         for ax, title in zip(axes, ("final greedy success", "area under the success curve")):
             ax.set_xticks(range(len(lags)), [str(lag) for lag in lags])
             ax.set_xlabel("lag (training steps)")
