@@ -1,8 +1,10 @@
 """Helpers for tests that drive TRL's real GRPOTrainer on a tiny offline model (importable as ``trl_helpers``).
 
 Rollouts come from a ``rollout_func`` returning random completions and "engine" log-probs, so no
-generation backend is needed. ``pretend_vllm`` makes TRL believe those completions came from vLLM
-(with a no-op weight sync), so TRL computes its old log-probs and its IS ratio itself.
+generation backend is needed; with ``topk=K`` the engine is a lagged policy (the initial weights),
+which also reports its top-K ids and log-probs per token (the keys the top-K losses read).
+``pretend_vllm`` makes TRL believe those completions came from vLLM (with a no-op weight sync), so
+TRL computes its old log-probs and its IS ratio itself.
 """
 
 from __future__ import annotations
@@ -14,29 +16,53 @@ GROUP = 4
 MAX_COMPLETION = 6
 
 
-def stub_rollout_func(tokenizer, seed=0, nan_every=0):
+def stub_rollout_func(tokenizer, seed=0, nan_every=0, topk=0, model_path=None):
     """A ``rollout_func``: random completions (1..MAX_COMPLETION tokens) and log-probs around −3.
 
     ``nan_every=k`` > 0 reports every k-th token's log-prob as None (vLLM's "unscored").
+    ``topk=K`` > 0: the log-probs come from a lagged policy (the model at ``model_path``, i.e. the
+    initial weights), which also returns ``topk_ids`` / ``topk_logprobs``: its K most likely ids
+    per token, the sampled token forced in, and its log-probs at them.
     """
     gen = torch.Generator().manual_seed(seed)
     counter = [0]
+    lagged = []
+
+    def lagged_topk(prompt_ids, completion):
+        if not lagged:
+            from transformers import AutoModelForCausalLM
+
+            lagged.append(AutoModelForCausalLM.from_pretrained(model_path).eval())
+        ids = torch.tensor([prompt_ids + completion])
+        with torch.no_grad():
+            logits = lagged[0](input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = logp.topk(topk, dim=-1).indices
+        sampled = torch.tensor(completion)
+        forced = torch.where((top == sampled[:, None]).any(-1, keepdim=True), top[:, -1:], sampled[:, None])
+        top = torch.cat([top[:, :-1], forced], dim=-1)
+        return logp.gather(-1, sampled[:, None])[:, 0].tolist(), top.tolist(), logp.gather(-1, top).tolist()
 
     def rollout(prompts, trainer):
-        completions, logprobs = [], []
-        for _ in prompts:
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        completions, logprobs, topk_ids, topk_logprobs = [], [], [], []
+        for ids in prompt_ids:
             n = int(torch.randint(1, MAX_COMPLETION + 1, (1,), generator=gen))
             completions.append([int(x) for x in torch.randint(3, 32, (n,), generator=gen)])
+            values = (-3.0 - 0.5 * torch.randn(n, generator=gen)).tolist()
+            if topk:
+                values, top_ids, top_lps = lagged_topk(ids, completions[-1])
+                topk_ids.append(top_ids)
+                topk_logprobs.append(top_lps)
             lps = []
-            for x in -3.0 - 0.5 * torch.randn(n, generator=gen):
+            for x in values:
                 counter[0] += 1
                 lps.append(None if nan_every and counter[0] % nan_every == 0 else float(x))
             logprobs.append(lps)
-        return {
-            "prompt_ids": [tokenizer(p)["input_ids"] for p in prompts],
-            "completion_ids": completions,
-            "logprobs": logprobs,
-        }
+        out = {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
+        if topk:
+            out.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        return out
 
     return rollout
 
@@ -68,8 +94,11 @@ def grpo_config(tmp_path, **overrides):
     return trl.GRPOConfig(**settings)
 
 
-def make_trainer(trainer_cls, tiny_model, tmp_path, *, seed=0, vllm=False, nan_every=0, trainer_kwargs=None, **config):
-    """A ``trainer_cls`` (GRPOTrainer or StableGRPOTrainer) on the tiny model with a stub rollout_func."""
+def make_trainer(
+    trainer_cls, tiny_model, tmp_path, *, seed=0, vllm=False, nan_every=0, topk=0, trainer_kwargs=None, **config
+):
+    """A ``trainer_cls`` (GRPOTrainer or StableGRPOTrainer) on the tiny model with a stub rollout_func
+    (``topk=K``: it also returns a lagged policy's top-K, see `stub_rollout_func`)."""
     import datasets
 
     path, tokenizer = tiny_model
@@ -79,7 +108,7 @@ def make_trainer(trainer_cls, tiny_model, tmp_path, *, seed=0, vllm=False, nan_e
         args=grpo_config(tmp_path, **config),
         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS * 2}),
         processing_class=tokenizer,
-        rollout_func=stub_rollout_func(tokenizer, seed, nan_every=nan_every),
+        rollout_func=stub_rollout_func(tokenizer, seed, nan_every=nan_every, topk=topk, model_path=path),
         **(trainer_kwargs or {}),
     )
     if vllm:

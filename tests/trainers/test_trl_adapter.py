@@ -1,9 +1,10 @@
 """`StableGRPOTrainer` against the real TRL ``GRPOTrainer`` (no mock of TRL).
 
-* It trains 3 steps with every registered loss (top-K losses: the documented error), with
-  ESS-LR and GAC on, on a tiny offline Qwen2 whose rollouts come from a stub ``rollout_func``
-  (TRL is told they come from vLLM, so it computes old log-probs and its IS ratio; every 5th
-  engine log-prob is "unscored").
+* It trains 3 steps with every registered loss, with ESS-LR and GAC on, on a tiny offline Qwen2
+  whose rollouts come from a stub ``rollout_func`` (TRL is told they come from vLLM, so it
+  computes old log-probs and its IS ratio; every 5th engine log-prob is "unscored"). For the
+  top-K losses the stub also returns a lagged policy's ``topk_ids`` / ``topk_logprobs``; without
+  them a top-K loss fails with a message naming the missing keys.
 * With the default loss (the equivalent of ``loss_type``) the loss that ``_compute_loss``
   returns, and the parameter gradients, equal ``GRPOTrainer``'s on the same inputs, with
   gradient accumulation 2 (TRL's GA scaling) and with TRL's vLLM IS correction.
@@ -18,13 +19,18 @@ import torch
 
 import stable_async as sa
 from sa_testing import tiny_causal_lm
-from trl_helpers import make_trainer, pretend_vllm
+from trl_helpers import grpo_config, length_reward, make_trainer, pretend_vllm
 
 pytestmark = pytest.mark.trainers
 trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from stable_async.integrations.trl import TOPK_LOSSES, StableGRPOTrainer  # noqa: E402
+from stable_async.integrations.trl import (  # noqa: E402
+    TOPK_IDS_KEY,
+    TOPK_LOGPROBS_KEY,
+    TOPK_LOSSES,
+    StableGRPOTrainer,
+)
 
 OUR_METRICS = (
     "stable_async/ess_ratio",
@@ -51,11 +57,10 @@ def _quiet(monkeypatch):
 @pytest.mark.parametrize("loss_name", sa.available_losses())
 def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     kwargs = {"policy_loss": loss_name, "ess_lr": True, "gac": True}
-    if loss_name in TOPK_LOSSES:
-        with pytest.raises(ValueError, match="top-K"):
-            make_trainer(StableGRPOTrainer, tiny_model, tmp_path, trainer_kwargs=kwargs)
-        return
-    trainer = make_trainer(StableGRPOTrainer, tiny_model, tmp_path, vllm=True, nan_every=5, trainer_kwargs=kwargs)
+    topk = 4 if loss_name in TOPK_LOSSES else 0
+    trainer = make_trainer(
+        StableGRPOTrainer, tiny_model, tmp_path, vllm=True, nan_every=5, topk=topk, trainer_kwargs=kwargs
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
@@ -72,10 +77,67 @@ def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     # The IS rule: losses that weight by μ themselves never get TRL's ratio on top.
     reweights = loss_name in {"decoupled_ppo", "vcpo"} or loss_name.startswith("dppo_")
     assert steps[-1]["stable_async/trl_is_applied"] == (0.0 if reweights else 1.0)
+    if topk:  # the top-K divergence was computed from the rollout's top-K and the current policy
+        assert steps[-1]["stable_async/dppo/divergence_mean"] > 0
     if loss_name == "ppo":  # translated names: actor/pg_clipfrac is TRL's clip_ratio/region_mean
         assert "clip_ratio/region_mean" in steps[-1] and "stable_async/actor/ppo_kl" in steps[-1]
         assert "stable_async/rollout_corr/rollout_is_mean" in steps[-1]  # TRL's IS mode, translated
         assert "stable_async/actor/pg_loss" not in steps[-1]  # the Trainer logs `loss` itself
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_topk_fields_reach_the_loss_padded_and_current_topk_matches(tiny_model, tmp_path, temperature):
+    trainer = make_trainer(
+        StableGRPOTrainer,
+        tiny_model,
+        tmp_path,
+        max_steps=1,
+        topk=3,
+        temperature=temperature,
+        trainer_kwargs={"policy_loss": "dppo_topk_tv"},
+    )
+    trainer.model.train()
+    inputs = trainer._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
+    ids, lps, mask = inputs[TOPK_IDS_KEY], inputs[TOPK_LOGPROBS_KEY], inputs["completion_mask"].bool()
+    assert ids.shape == lps.shape == (*mask.shape, 3) and ids.dtype == torch.long
+    # The sampled token is among the top-K, and its log-prob is the sampler's.
+    at_sampled = ids == inputs["completion_ids"][..., None]
+    assert at_sampled.any(-1)[mask].all()
+    sampled_lp = (lps * at_sampled).sum(-1)
+    scored = mask & ~torch.isnan(inputs["sampling_per_token_logps"])
+    torch.testing.assert_close(sampled_lp[scored], inputs["sampling_per_token_logps"][scored])
+    assert (ids[~mask] == 0).all() and (lps[~mask] == 0).all()
+    # The current policy at the top-K ids (extra forward, divided by the temperature) agrees with
+    # TRL's fused-head log-probs.
+    ids_all = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    fields = trainer._sa_current_topk(trainer.model, inputs, ids_all, attention)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids_all, attention, mask.shape[1])
+    current = (fields["current_topk_logprobs"] * at_sampled).sum(-1)
+    torch.testing.assert_close(current[mask], logps[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_topk_loss_without_topk_fields_names_the_missing_keys(tiny_model, tmp_path):
+    trainer = make_trainer(
+        StableGRPOTrainer, tiny_model, tmp_path, max_steps=1, trainer_kwargs={"policy_loss": "dppo_topk_kl"}
+    )
+    with pytest.raises(ValueError, match=r"lack \['topk_ids', 'topk_logprobs'\]"):
+        trainer.train()
+
+
+def test_topk_loss_without_rollout_func_fails_at_construction(tiny_model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path, tokenizer = tiny_model
+    with pytest.raises(ValueError, match="rollout_func that returns"):
+        StableGRPOTrainer(
+            model=path,
+            reward_funcs=length_reward,
+            args=grpo_config(tmp_path),
+            train_dataset=datasets.Dataset.from_dict({"prompt": ["w1"] * 4}),
+            processing_class=tokenizer,
+            policy_loss="dppo_topk_tv",
+        )
 
 
 def test_without_sampler_logprobs_old_logprobs_stand_in(tiny_model, tmp_path):

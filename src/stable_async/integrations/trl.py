@@ -41,9 +41,19 @@ What is translated (details and rationale: docs/integrations/trl.md):
   policy loss and added to it, as TRL does.
 * MoE router aux loss: added with TRL's scaling.
 
+* Top-K losses (``dppo_topk_tv`` / ``dppo_topk_kl``): TRL keeps only the sampled token's
+  log-prob, so the rollout policy's top-K must come from a ``rollout_func`` returning, besides
+  TRL's keys, ``topk_ids`` and ``topk_logprobs`` (`TOPK_IDS_KEY`, `TOPK_LOGPROBS_KEY`): per
+  completion, per token, K ids and the sampler's log-probs at them (the sampled token included).
+  They are padded to (B, T, K) next to ``completion_ids``. The current policy at those ids takes
+  one extra forward per micro-batch that materializes the completion logits (TRL's fused LM head
+  returns only the sampled token's log-prob), divided by TRL's ``temperature``, under
+  ``torch.no_grad`` (the top-K divergence only gates the trust region; the gradient flows through
+  TRL's own log-probs), then `stable_async.divergence.gather_topk_logprobs`. Text-only models.
+
 Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, the entropy bonus (``entropy_coef`` / adaptive entropy), and the
-top-K losses (``dppo_topk_*``: TRL keeps only the sampled token's log-prob, see the docs).
+top-K losses without a ``rollout_func`` (TRL's own generation never returns top-K).
 
 ESS, ESS-scaled LR and GAC: the ESS ratio is computed per optimizer step, at sequence level, over
 every micro-batch of the step (the per-micro-batch log-weights log π_θ − log μ are kept, detached,
@@ -71,15 +81,20 @@ from stable_async.batch import PolicyBatch
 from stable_async.correction import RolloutCorrection
 from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
-from stable_async.divergence import k3
+from stable_async.divergence import gather_topk_logprobs, k3
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
 
-__all__ = ["TOPK_LOSSES", "StableGRPOTrainer", "trl_equivalent_loss"]
+__all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "TOPK_LOSSES", "StableGRPOTrainer", "trl_equivalent_loss"]
 
-#: Losses that need the rollout engine's top-K log-probs; TRL does not keep them.
+#: Losses that need the rollout engine's top-K log-probs (TRL keeps only the sampled token's).
 TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
+#: ``rollout_func`` output keys for the top-K losses: per completion, one list of K token ids
+#: (resp. K sampler log-probs, after temperature like ``logprobs``) per completion token.
+TOPK_IDS_KEY = "topk_ids"
+TOPK_LOGPROBS_KEY = "topk_logprobs"
+_TOPK_KEYS = (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY)
 # Losses that already weight every token by the rollout policy μ (a second IS weight would double it).
 _REWEIGHTS_BY_ROLLOUT = frozenset({"decoupled_ppo", "vcpo"})
 _DPPO = frozenset({"dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"})
@@ -160,6 +175,35 @@ def _reweights_by_rollout(loss: Loss) -> bool:
     if loss.name in _REWEIGHTS_BY_ROLLOUT:
         return getattr(loss.config, "anchor", "rollout") == "rollout"
     return loss.name in _DPPO and getattr(loss.config, "anchor", "rollout") == "rollout"
+
+
+def _pad_topk(completions: list[Any], ids: Any, logprobs: Any, completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ``rollout_func``'s per-token top-K lists as (B, T, K) tensors aligned with ``completion_ids``."""
+    for key, value in ((TOPK_IDS_KEY, ids), (TOPK_LOGPROBS_KEY, logprobs)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(completions):
+            raise ValueError(
+                f"rollout_func: {key!r} must be a list with one entry per completion ({len(completions)}) when "
+                f"{list(_TOPK_KEYS)} are returned, got {type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
+            )
+    rows, length = completion_ids.shape
+    k = next((len(tok) for row in ids for tok in row), 0)
+    out_ids = torch.zeros(rows, length, k, dtype=torch.long)
+    out_lps = torch.zeros(rows, length, k, dtype=torch.float32)
+    for i, (completion, row_ids, row_lps) in enumerate(zip(completions, ids, logprobs, strict=True)):
+        n = len(completion)
+        if len(row_ids) != n or len(row_lps) != n:
+            raise ValueError(
+                f"rollout_func: completion {i} has {n} tokens but {len(row_ids)} {TOPK_IDS_KEY!r} and "
+                f"{len(row_lps)} {TOPK_LOGPROBS_KEY!r} entries (one list of K per completion token)"
+            )
+        if not n:
+            continue
+        if any(len(tok) != k for tok in row_ids) or any(len(tok) != k for tok in row_lps):
+            raise ValueError(f"rollout_func: every token's top-K must have the same K={k} ids and log-probs")
+        out_ids[i, :n] = torch.as_tensor(row_ids, dtype=torch.long)
+        out_lps[i, :n] = torch.tensor([[math.nan if x is None else float(x) for x in tok] for tok in row_lps])
+    return {TOPK_IDS_KEY: out_ids.to(completion_ids.device), TOPK_LOGPROBS_KEY: out_lps.to(completion_ids.device)}
 
 
 def _settings(value: Any, argument: str) -> dict[str, Any] | None:
@@ -271,6 +315,7 @@ class StableGRPOTrainer(GRPOTrainer):
         self._sa_ds_hooked = False
         self._sa_ess_pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sa_loss_cache: dict[Any, tuple[Loss, float]] = {}
+        self._sa_topk_rollout: tuple[list[Any], Any, Any] | None = None
         if self._sa_gac_settings is not None:  # validate now, not at the first step
             GradientAlignmentControl([torch.zeros(1)], **self._sa_gac_settings)
         if self._sa_ess_lr_settings is not None:
@@ -291,12 +336,11 @@ class StableGRPOTrainer(GRPOTrainer):
             loss, normalizer = get_loss(policy_loss, **dict(loss_kwargs or {})), "global"
         else:
             raise TypeError(f"policy_loss: expected a loss name, a stable_async.Loss or None, got {policy_loss!r}")
-        if loss.name in TOPK_LOSSES:
+        if loss.name in TOPK_LOSSES and self.rollout_func is None:
             raise ValueError(
                 f"policy_loss: {loss.name!r} needs the rollout policy's top-K log-probs at every token, which TRL's "
-                "GRPOTrainer does not keep (its vLLM path keeps only the sampled token's log-prob, and its fused LM "
-                "head never materializes the current policy's logits); use 'dppo_binary_tv' / 'dppo_binary_kl', "
-                "see docs/integrations/trl.md"
+                "own generation does not keep (only the sampled token's log-prob); pass a rollout_func that returns "
+                f"{list(_TOPK_KEYS)}, or use 'dppo_binary_tv' / 'dppo_binary_kl' (see docs/integrations/trl.md)"
             )
         return loss, normalizer
 
@@ -392,6 +436,61 @@ class StableGRPOTrainer(GRPOTrainer):
         if self._sa_ess_lr is not None and self._sa_ess_lr.last_metrics:
             self._sa_log(self._sa_ess_lr.last_metrics, "train", gather=False)
 
+    # ------------------------------------------------------------------ the rollout's top-K
+    def _generate(self, prompts: list) -> Any:
+        """TRL's ``_generate``; also keeps a ``rollout_func``'s top-K fields for the loss inputs.
+
+        TRL merges a ``rollout_func``'s extra fields into the reward functions' inputs only (they
+        still get them); the top-K ones are padded into the batch by
+        `_generate_and_score_completions`.
+        """
+        result = super()._generate(prompts)
+        extra = result[5] or {}
+        if any(key in extra for key in _TOPK_KEYS):
+            self._sa_topk_rollout = (result[1], extra.get(TOPK_IDS_KEY), extra.get(TOPK_LOGPROBS_KEY))
+        return result
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's batch, plus ``topk_ids`` (B, T, K) int64 / ``topk_logprobs`` (B, T, K) fp32 when the
+        ``rollout_func`` returned them (padding positions: id 0, log-prob 0; masked by the loss)."""
+        self._sa_topk_rollout = None
+        output = super()._generate_and_score_completions(inputs)
+        stash, self._sa_topk_rollout = self._sa_topk_rollout, None
+        if stash is not None:
+            output.update(_pad_topk(*stash, output["completion_ids"]))
+        return output
+
+    def _sa_current_topk(
+        self, model: Any, inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The batch's top-K fields: the rollout's, and log π_θ at the same ids from one extra forward.
+
+        TRL's fused LM head returns only the sampled token's log-prob, so this forward materializes
+        the completion positions' logits (B, T, V), divided by ``temperature`` as TRL's head does. It
+        runs under ``no_grad``: the top-K divergence only decides which tokens the trust region
+        masks (the gradient goes through TRL's own log-probs).
+        """
+        missing = [key for key in _TOPK_KEYS if inputs.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"policy_loss: {self._sa_loss.name!r} needs the rollout policy's top-K at every completion token, "
+                f"but the inputs lack {missing}: the rollout_func must return {list(_TOPK_KEYS)} (per completion, "
+                "per token, K token ids and the sampler's log-probs at them, the sampled token included); see "
+                "docs/integrations/trl.md"
+            )
+        if inputs.get("pixel_values") is not None:
+            raise ValueError(f"policy_loss: {self._sa_loss.name!r} is supported for text-only models in TRL")
+        ids = inputs[TOPK_IDS_KEY]
+        length = ids.shape[1]
+        with torch.no_grad(), self.accelerator.autocast():
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1, use_cache=False
+            ).logits[:, -length - 1 : -1]
+            if self.temperature != 1.0:
+                logits = logits.div_(self.temperature)  # in place: no second (B, T, V) tensor
+            current = gather_topk_logprobs(logits, ids)
+        return {"topk_ids": ids, "topk_logprobs": inputs[TOPK_LOGPROBS_KEY], "current_topk_logprobs": current}
+
     # ------------------------------------------------------------------ the loss
     def _sa_loss_for(self, trl_is_on: bool) -> tuple[Loss, float]:
         """The loss with the correction chosen by the IS rule, and whether TRL's IS mode was translated."""
@@ -455,6 +554,9 @@ class StableGRPOTrainer(GRPOTrainer):
                 tokens = tokens * accumulation / self.args.steps_per_generation
         else:
             tokens = float(valid.sum()) * accumulation * processes
+        topk = {}
+        if self._sa_loss.name in TOPK_LOSSES:
+            topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
         batch = PolicyBatch(
             logprobs=per_token_logps,
             advantages=inputs["advantages"],
@@ -464,6 +566,7 @@ class StableGRPOTrainer(GRPOTrainer):
             global_num_tokens=tokens,
             global_num_seqs=float(valid.shape[0] * accumulation * processes),
             dp_size=processes,
+            **topk,
         )
         trl_is_on = bool(self.use_vllm and self.vllm_importance_sampling_correction)
         loss_fn, translated = self._sa_loss_for(trl_is_on)
