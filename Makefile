@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
 CONSTRAINTS := requirements/tested.txt
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -16,20 +17,25 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 env: $(STAMP)
 
 # torch first, pinned to the CPU build: a bare `torch` requirement would pull a CUDA build.
-# OpenRLHF hard-pins GPU-only packages, so it goes in with --no-deps, plus what its loss needs.
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# `make run` needs only the core and the bench extra; `make test` adds the trainers, docs and dev
+# tools. OpenRLHF hard-pins GPU-only packages, so it goes in with --no-deps, plus what its loss needs.
+$(CORE_STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[bench]"
+	touch $(CORE_STAMP)
+
+$(STAMP): $(CORE_STAMP)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,trl,verl,bench,docs]"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps openrlhf==0.11.2
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.6 einops
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(CORE_STAMP)
 	$(PY) -m stable_async.bench --preset quick --out bench-out
 
 # The full benchmark behind docs/benchmark.md (about 20 minutes on 2 cores).
-bench-full: $(STAMP)
+bench-full: $(CORE_STAMP)
 	$(PY) -m stable_async.bench --preset full --workers 2 --out bench-full --report-md docs/benchmark-results.md
 
 lint: $(STAMP)
