@@ -93,6 +93,7 @@ from torch import nn
 
 import stable_async as sa
 from stable_async.diagnostics import approx_kl
+from stable_async.integrations._options import option_settings
 
 __all__ = [
     "ENV_VAR",
@@ -187,8 +188,8 @@ class PolicyLoss(nn.Module):
             policy_loss is None and policy_loss_type == "gspo" and is_correction_level != "off" and correction is None
         )
         self.loss_fn = self._build_loss(policy_loss, dict(loss_kwargs or {}))
-        self.ess_lr = _settings("ess_lr", ess_lr)
-        self.gac = _settings("gac", gac)
+        self.ess_lr = option_settings(ess_lr, "ess_lr")
+        self.gac = option_settings(gac, "gac")
         if self.ess_lr is not None:
             sa.ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **self.ess_lr)  # validate
         self.last_metrics: dict[str, float] = {}
@@ -357,16 +358,6 @@ def _validate_openrlhf_arguments(dual_clip: float | None, level: str, mode: str,
         raise ValueError(f"is_correction_gating={gating} takes an upper bound only (a single delta)")
 
 
-def _settings(name: str, value: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{name}: expected None, True or a dict of settings, got {type(value).__name__}")
-
-
 def _as_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -437,8 +428,8 @@ class DeepSpeedStepHook:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is None or not callable(getattr(optimizer, "step", None)):
             raise TypeError(f"engine: expected a DeepSpeed engine with .optimizer.step, got {type(engine).__name__}")
-        ess_settings = _settings("ess_lr", ess_lr) if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
-        gac_settings = _settings("gac", gac) if gac is not None else getattr(policy_loss, "gac", None)
+        ess_settings = option_settings(ess_lr, "ess_lr") if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
+        gac_settings = option_settings(gac, "gac") if gac is not None else getattr(policy_loss, "gac", None)
         if ess_settings is not None and not isinstance(policy_loss, PolicyLoss):
             raise ValueError("policy_loss: ess_lr needs the PolicyLoss that records the log-weights")
         if gac_settings is not None and gac_settings.get("mode", "project") == "skip":

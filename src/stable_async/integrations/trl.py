@@ -82,6 +82,7 @@ from stable_async.correction import RolloutCorrection
 from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
+from stable_async.integrations._options import option_settings
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
@@ -206,16 +207,6 @@ def _pad_topk(completions: list[Any], ids: Any, logprobs: Any, completion_ids: t
     return {TOPK_IDS_KEY: out_ids.to(completion_ids.device), TOPK_LOGPROBS_KEY: out_lps.to(completion_ids.device)}
 
 
-def _settings(value: Any, argument: str) -> dict[str, Any] | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{argument}: expected True, False, None or a dict of keyword arguments, got {value!r}")
-
-
 class _StepHook:
     """Stands in for an optimizer inside `ESSScaledLR`: its ``param_groups`` and its original ``step``."""
 
@@ -305,8 +296,8 @@ class StableGRPOTrainer(GRPOTrainer):
         if token_normalizer not in (None, "global", "local"):
             raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
         self._sa_token_normalizer = token_normalizer or normalizer
-        self._sa_ess_lr_settings = _settings(ess_lr, "ess_lr")
-        self._sa_gac_settings = _settings(gac, "gac")
+        self._sa_ess_lr_settings = option_settings(ess_lr, "ess_lr")
+        self._sa_gac_settings = option_settings(gac, "gac")
         self._check_supported()
         self._sa_ess_lr: ESSScaledLR | None = None
         self._sa_gac: GradientAlignmentControl | None = None
