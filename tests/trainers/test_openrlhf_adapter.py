@@ -21,7 +21,6 @@ import copy
 import importlib
 import importlib.abc
 import importlib.machinery
-import itertools
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 import stable_async as sa
+from openrlhf_cases import accepted_combinations, combo_id
 from sa_testing import load_openrlhf_loss_module, random_logprobs, random_mask
 from stable_async.integrations import openrlhf as adapter
 
@@ -42,8 +42,6 @@ OURS = adapter.PolicyLoss
 
 EXACT = {"rtol": 1e-10, "atol": 1e-13}
 FRACTION = {"rtol": 1e-6, "atol": 1e-7}
-THRESHOLDS = {"ratio": (0.8, 1.25), "binary_kl": (0.0, 0.05), "tv": (0.0, 0.1)}
-CLIP_EPS = {"ppo": (0.2, 0.28), "gspo": (0.05, 0.08)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,36 +60,7 @@ def inputs(seed: int, *, B: int = 7, T: int = 10, empty_row: bool = True) -> dic
     return {"lp": lp, "old": old, "rollout": rollout, "adv": torch.randn(B, T, generator=g, dtype=torch.float64)}, mask
 
 
-def accepted_combinations() -> list[dict]:
-    combos = []
-    for loss_type, dual_clip, token_level, level, mode, gating in itertools.product(
-        ("ppo", "gspo"), (None, 3.0), (True, False), ("off", "token", "seq"), ("mask", "clip"), THRESHOLDS
-    ):
-        kwargs = dict(
-            clip_eps_low=CLIP_EPS[loss_type][0],
-            clip_eps_high=CLIP_EPS[loss_type][1],
-            dual_clip=dual_clip,
-            token_level_loss=token_level,
-            policy_loss_type=loss_type,
-            is_correction_level=level,
-            is_correction_mode=mode,
-            is_correction_gating=gating,
-            is_correction_threshold=THRESHOLDS[gating],
-        )
-        try:
-            THEIRS(**kwargs)
-        except ValueError:
-            continue
-        combos.append(kwargs)
-    return combos
-
-
-COMBINATIONS = accepted_combinations()
-
-
-def combo_id(k: dict) -> str:
-    parts = [k["policy_loss_type"], "dual" if k["dual_clip"] else "nodual", "tok" if k["token_level_loss"] else "seq"]
-    return "-".join([*parts, k["is_correction_level"], k["is_correction_mode"], k["is_correction_gating"]])
+COMBINATIONS = accepted_combinations(THEIRS)
 
 
 def run(cls, kwargs: dict, t: dict, mask: torch.Tensor, counts: dict, **options):

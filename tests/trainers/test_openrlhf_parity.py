@@ -35,12 +35,11 @@ where we divide by the count (deliberate, see ``stable_async.aggregate``): per e
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import stable_async as sa
+from openrlhf_cases import CLIP_EPS, accepted_combinations, combo_id
 from sa_testing import load_openrlhf_loss_module, random_logprobs, random_mask
 from stable_async.diagnostics import approx_kl
 
@@ -52,9 +51,7 @@ PolicyLoss = loss_module.PolicyLoss
 EXACT = {"rtol": 1e-10, "atol": 1e-13}
 PLUS_EPS = {"rtol": 2e-8, "atol": 1e-13}
 FRACTION = {"rtol": 1e-6, "atol": 1e-7}
-THRESHOLDS = {"ratio": (0.8, 1.25), "binary_kl": (0.0, 0.05), "tv": (0.0, 0.1)}
 STATISTIC = {"ratio": "ratio", "binary_kl": "binary_kl", "tv": "binary_tv"}
-CLIP_EPS = {"ppo": (0.2, 0.28), "gspo": (0.05, 0.08)}
 
 
 def inputs(seed: int, *, B: int = 7, T: int = 10, spread: float = 0.5, empty_row: bool = True) -> dict:
@@ -91,44 +88,7 @@ def grad(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def accepted_combinations() -> list[tuple]:
-    combos = []
-    for loss_type, dual_clip, token_level, level, mode, gating in itertools.product(
-        ("ppo", "gspo"), (None, 3.0), (True, False), ("off", "token", "seq"), ("mask", "clip"), THRESHOLDS
-    ):
-        kwargs = dict(
-            clip_eps_low=CLIP_EPS[loss_type][0],
-            clip_eps_high=CLIP_EPS[loss_type][1],
-            dual_clip=dual_clip,
-            token_level_loss=token_level,
-            policy_loss_type=loss_type,
-            is_correction_level=level,
-            is_correction_mode=mode,
-            is_correction_gating=gating,
-            is_correction_threshold=THRESHOLDS[gating],
-        )
-        try:
-            PolicyLoss(**kwargs)
-        except ValueError:
-            continue
-        combos.append(kwargs)
-    return combos
-
-
-COMBINATIONS = accepted_combinations()
-
-
-def combo_id(kwargs: dict) -> str:
-    return "-".join(
-        [
-            kwargs["policy_loss_type"],
-            "dual" if kwargs["dual_clip"] else "nodual",
-            "tok" if kwargs["token_level_loss"] else "seq",
-            kwargs["is_correction_level"],
-            kwargs["is_correction_mode"],
-            kwargs["is_correction_gating"],
-        ]
-    )
+COMBINATIONS = accepted_combinations(PolicyLoss)
 
 
 def equivalent(kwargs: dict, t: dict) -> tuple[str, dict, dict]:
