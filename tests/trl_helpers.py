@@ -122,3 +122,10 @@ def pretend_vllm(trainer):
     trainer.vllm_importance_sampling_correction = True
     trainer._last_loaded_step = trainer.state.global_step
     trainer.vllm_generation = type("NoSync", (), {"sync_weights": lambda self: None})()
+
+
+def assert_same_loss_and_grads(ours, theirs):
+    """(loss, grads) pairs equal at fp32 tolerance (TRL's fused LM head returns fp32 log-probs)."""
+    torch.testing.assert_close(ours[0], theirs[0].to(ours[0].dtype), rtol=1e-6, atol=1e-9)
+    for mine, ref in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

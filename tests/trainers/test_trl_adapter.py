@@ -19,6 +19,7 @@ import torch
 
 import stable_async as sa
 from sa_testing import tiny_causal_lm
+from trl_helpers import assert_same_loss_and_grads as _assert_same
 from trl_helpers import grpo_config, length_reward, make_trainer, pretend_vllm
 
 pytestmark = pytest.mark.trainers
@@ -196,12 +197,6 @@ def _loss_and_grads(trainer, inputs):
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     loss = trainer.compute_loss(trainer.model, dict(inputs))
     return loss.detach(), torch.autograd.grad(loss, params)
-
-
-def _assert_same(ours, theirs):
-    torch.testing.assert_close(ours[0], theirs[0].to(ours[0].dtype), rtol=1e-6, atol=1e-9)
-    for mine, ref in zip(ours[1], theirs[1], strict=True):
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import torch
 
 import stable_async as sa
 from sa_testing import tiny_causal_lm
+from trl_helpers import assert_same_loss_and_grads as _assert_same
 
 pytestmark = pytest.mark.trainers
 trl = pytest.importorskip("trl")
@@ -138,12 +139,6 @@ def _our_loss_and_grads(trainer, inputs, loss_name, with_is=None, **kwargs):
     )
     loss = sa.get_loss(loss_name, correction=with_is, **kwargs)(batch).loss
     return loss.detach(), torch.autograd.grad(loss, _params(trainer))
-
-
-def _assert_same(ours, theirs):
-    torch.testing.assert_close(ours[0], theirs[0].to(ours[0].dtype), rtol=1e-6, atol=1e-9)
-    for mine, ref in zip(ours[1], theirs[1]):
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 def _ppo_settings(trainer, loss_type, inputs):

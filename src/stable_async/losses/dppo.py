@@ -54,6 +54,7 @@ with A > 0 / A < 0) and ``dppo/divergence_mean`` / ``dppo/divergence_max``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -298,24 +299,25 @@ def _binary_kl_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv
     return div, big
 
 
+def _binary_dppo(batch: PolicyBatch, config: DPPOConfig, name: str, divergence: Any, fused_parts: Any) -> LossOutput:
+    """A binary DPPO loss: the fused divergence + mask path, or the generic one for odd advantage shapes."""
+    anchor = _anchor_logprobs(batch, config, name)
+    if batch.advantages.shape != batch.logprobs.shape:
+        return _dppo(batch, config, name, divergence(batch.logprobs.detach(), anchor))
+    div, dropped = fused_parts(batch.logprobs.detach(), anchor.detach(), config, batch.advantages)
+    return _dppo(batch, config, name, div, dropped, nonnegative=True)
+
+
 @register_loss("dppo_binary_tv", config=DPPOConfig)
 def dppo_binary_tv(batch: PolicyBatch, config: DPPOConfig) -> LossOutput:
     """DPPO with the binary total variation |p − q| (see module docstring)."""
-    anchor = _anchor_logprobs(batch, config, "dppo_binary_tv")
-    if batch.advantages.shape != batch.logprobs.shape:
-        return _dppo(batch, config, "dppo_binary_tv", binary_tv(batch.logprobs.detach(), anchor))
-    div, dropped = _binary_tv_parts(batch.logprobs.detach(), anchor.detach(), config, batch.advantages)
-    return _dppo(batch, config, "dppo_binary_tv", div, dropped, nonnegative=True)
+    return _binary_dppo(batch, config, "dppo_binary_tv", binary_tv, _binary_tv_parts)
 
 
 @register_loss("dppo_binary_kl", config=DPPOKLConfig)
 def dppo_binary_kl(batch: PolicyBatch, config: DPPOConfig) -> LossOutput:
     """DPPO with the binary KL(q ‖ p) over {sampled token, rest} (see module docstring)."""
-    anchor = _anchor_logprobs(batch, config, "dppo_binary_kl")
-    if batch.advantages.shape != batch.logprobs.shape:
-        return _dppo(batch, config, "dppo_binary_kl", binary_kl(batch.logprobs.detach(), anchor))
-    div, dropped = _binary_kl_parts(batch.logprobs.detach(), anchor.detach(), config, batch.advantages)
-    return _dppo(batch, config, "dppo_binary_kl", div, dropped, nonnegative=True)
+    return _binary_dppo(batch, config, "dppo_binary_kl", binary_kl, _binary_kl_parts)
 
 
 @register_loss("dppo_topk_tv", config=DPPOConfig)
