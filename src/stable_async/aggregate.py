@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from stable_async._numerics import mask_count, masked_sum
+from stable_async._numerics import mask_count, masked_sum, weighted_sum
 
 AGGREGATION_MODES = (
     "token-mean",
@@ -97,9 +97,42 @@ def aggregate(
             f"loss_mat / mask: expected two (B, T) tensors of the same shape, got "
             f"{tuple(loss_mat.shape)} and {tuple(mask.shape)}"
         )
-    m = mask.bool()
+    return _aggregate(loss_mat, mask.bool(), None, mode, global_num_tokens, global_num_seqs, dp_size, norm_length)
+
+
+def aggregate_finite(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    maskf: torch.Tensor,
+    mode: str,
+    *,
+    global_num_tokens: float | None = None,
+    global_num_seqs: float | None = None,
+    dp_size: int = 1,
+    norm_length: float | None = None,
+) -> torch.Tensor:
+    """`aggregate` for a loss matrix that is finite at masked positions: sums weighted by the 0/1
+    float mask ``maskf`` (= ``mask``) instead of selecting. Same value and gradient when that
+    holds; a NaN/inf at a masked position makes the result non-finite, so check it (``finish``
+    recomputes with `aggregate` when the loss is not finite)."""
+    return _aggregate(loss_mat, mask, maskf, mode, global_num_tokens, global_num_seqs, dp_size, norm_length)
+
+
+def _aggregate(
+    loss_mat: torch.Tensor,
+    m: torch.Tensor,
+    weights: torch.Tensor | None,
+    mode: str,
+    global_num_tokens: float | None,
+    global_num_seqs: float | None,
+    dp_size: int,
+    norm_length: float | None,
+) -> torch.Tensor:
+    def masked_total(dim: int | None = None) -> torch.Tensor:
+        return masked_sum(loss_mat, m, dim) if weights is None else weighted_sum(loss_mat, weights, dim)
+
     if mode in ("token-mean", "token-sum"):
-        total = masked_sum(loss_mat, m)
+        total = masked_total()
         if mode == "token-sum":
             return total * dp_size if dp_size != 1 else total
         count = mask_count(m, loss_mat.dtype) if global_num_tokens is None else None
@@ -108,7 +141,7 @@ def aggregate(
 
     seq_tokens = mask_count(m, loss_mat.dtype, dim=-1)
     seq_valid = seq_tokens > 0
-    seq_sum = masked_sum(loss_mat, m, dim=-1)
+    seq_sum = masked_total(dim=-1)
     seq_loss = seq_sum / seq_tokens.clamp(min=1.0) if mode == "seq-mean-token-mean" else seq_sum
     loss = aggregate_sequences(seq_loss, seq_valid, global_num_seqs=global_num_seqs, dp_size=dp_size)
     if mode == "seq-mean-token-sum-norm":

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from stable_async._numerics import compute_dtype
+from stable_async._numerics import compute_dtype, count_true, float_mask, weighted_sum
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -126,6 +126,8 @@ class PolicyBatch:
     check_finite: bool = True
     # Derived in __post_init__; not constructor arguments.
     dtype: torch.dtype = field(init=False)
+    _maskf: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
+    _num_valid: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         lp = _check_tensor("logprobs", self.logprobs)
@@ -312,8 +314,30 @@ class PolicyBatch:
 
     @property
     def maskf(self) -> torch.Tensor:
-        """The mask as 0/1 in the compute dtype."""
-        return self.mask.to(self.dtype)
+        """The mask as 0/1 in the compute dtype (computed once per batch)."""
+        if self._maskf is None:
+            self._maskf = float_mask(self.mask, self.dtype)
+        return self._maskf
+
+    @property
+    def num_valid(self) -> torch.Tensor:
+        """Number of valid (mask = 1) tokens, an integer 0-dim tensor (computed once per batch)."""
+        if self._num_valid is None:
+            self._num_valid = count_true(self.mask)
+        return self._num_valid
+
+    def token_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ m·v / max(Σ m, 1) over this batch's valid tokens, in the dtype of ``values``.
+
+        For (B, T) values computed from the batch's own fields, which are finite at masked
+        positions (see the module docstring); a NaN/inf at a masked position of ``values`` would
+        poison the mean (use `stable_async._numerics.masked_mean` for arbitrary values).
+        """
+        return weighted_sum(values, self.maskf.to(values.dtype)) / self.num_valid.to(values.dtype).clamp(min=1.0)
+
+    def token_fraction(self, condition: torch.Tensor) -> torch.Tensor:
+        """Fraction of valid tokens where the bool (B, T) ``condition`` holds, fp32."""
+        return count_true(condition & self.mask).to(torch.float32) / self.num_valid.to(torch.float32).clamp(min=1.0)
 
     @property
     def behavior_logprobs(self) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from stable_async._numerics import compute_dtype, masked_max, masked_mean, masked_min, masked_sum
+from stable_async._numerics import compute_dtype, count_true, masked_max, masked_mean, masked_min, masked_sum
 from stable_async.distributed import all_reduce_max, all_reduce_sum
 
 
@@ -160,6 +160,6 @@ def fraction(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token mean of a boolean condition over valid positions (a clip or mask fraction), fp32."""
     if condition.dtype == torch.bool and mask.dtype == torch.bool and condition.shape == mask.shape:
         # Integer counts: exact, and no float copies of the condition or the mask.
-        hits = (condition & mask).sum().to(torch.float32)
-        return hits / mask.sum().to(torch.float32).clamp(min=1.0)
+        hits = count_true(condition & mask).to(torch.float32)
+        return hits / count_true(mask).to(torch.float32).clamp(min=1.0)
     return masked_mean(condition.to(torch.float32), mask)

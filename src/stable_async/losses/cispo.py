@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from stable_async._numerics import safe_exp
 from stable_async.batch import PolicyBatch
-from stable_async.diagnostics import approx_kl, fraction
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
 from stable_async.registry import register_loss
 
@@ -37,12 +36,13 @@ class CISPOConfig(LossConfig):
 @register_loss("cispo", config=CISPOConfig)
 def cispo(batch: PolicyBatch, config: CISPOConfig) -> LossOutput:
     """CISPO (see module docstring)."""
-    ratio = safe_exp(batch.logprobs.detach() - batch.old_logprobs)  # no graph: the weight is detached
+    log_ratio = batch.logprobs.detach() - batch.old_logprobs  # no graph: the weight is detached
+    ratio = safe_exp(log_ratio)
     weight = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     loss_mat = -weight * batch.advantages * batch.logprobs
     metrics = {
-        "actor/pg_clipfrac": fraction(weight != ratio, batch.mask),
-        "actor/pg_clipfrac_lower": fraction(ratio < 1.0 - config.eps_low, batch.mask),
-        "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
+        "actor/pg_clipfrac": batch.token_fraction(weight != ratio),
+        "actor/pg_clipfrac_lower": batch.token_fraction(ratio < 1.0 - config.eps_low),
+        "actor/ppo_kl": -batch.token_mean(log_ratio),
     }
     return finish(batch, config, loss_mat, metrics)

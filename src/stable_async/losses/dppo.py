@@ -58,7 +58,15 @@ from typing import Any
 
 import torch
 
-from stable_async._numerics import LOG_RATIO_BOUND, masked_max, masked_mean, safe_exp
+from stable_async._numerics import (
+    LOG_RATIO_BOUND,
+    count_true,
+    masked_max,
+    masked_mean,
+    safe_exp,
+    select_bool,
+    zero_where_false,
+)
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.diagnostics import fraction
 from stable_async.divergence import _as_compute, binary_kl, binary_tv, topk_kl, topk_tv
@@ -109,7 +117,7 @@ def trust_region_mask(
     """Bool (B, T): True where DPPO drops the token (left the trust region in the pushed direction)."""
     lp, lq = logprobs.detach(), anchor_logprobs.detach()
     rose, fell = lp > lq, lp < lq
-    return torch.where(advantages > 0, (divergence > delta_high) & rose, (divergence > delta_low) & fell)
+    return select_bool(advantages > 0, (divergence > delta_high) & rose, (divergence > delta_low) & fell)
 
 
 def dppo_token_loss(
@@ -169,7 +177,7 @@ def _dppo(
     weight = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)
     # −M·w·A·log p with M applied to the detached coefficient: the same value and gradient as
     # (−A·w·log p)·M, one full-size temporary fewer.
-    coef = (-adv * weight).masked_fill_(dropped, 0.0) if adv.dtype == weight.dtype else None
+    coef = zero_where_false(-adv * weight, ~dropped) if adv.dtype == weight.dtype else None
     if coef is not None and coef.dtype == lp.dtype:
         loss_mat = coef * lp
     else:
@@ -201,25 +209,24 @@ def _dppo_metrics(
             "dppo/divergence_mean": masked_mean(divergence, mask),
             "dppo/divergence_max": masked_max(divergence, mask),
         }
-    n_int = mask.sum()
+    n_int = count_true(mask)
     dm = dropped & mask
     zero = n_int.new_zeros(())
-    pos = (dm & (adv > 0)).sum()
-    counts = [dm.sum(), zero, pos, (dm & (adv < 0)).sum()]
+    pos = count_true(dm & (adv > 0))
+    counts = [count_true(dm), zero, pos, count_true(dm & (adv < 0))]
     if ratio_cap is not None:
         capped = ratio > ratio_cap
         capped &= mask
         capped &= ~dm
-        counts[1] = capped.sum()
+        counts[1] = count_true(capped)
     n = n_int.to(torch.float32).clamp(min=1.0)
     fracs = torch.stack(counts).to(torch.float32) / n
     vdtype = log_ratio.dtype
     n_v = n_int.to(vdtype).clamp(min=1.0)
-    vzero = torch.zeros((), dtype=vdtype, device=log_ratio.device)
-    ppo_kl = -torch.where(mask, log_ratio, vzero).sum() / n_v
+    ppo_kl = -zero_where_false(log_ratio, mask).sum() / n_v
     if nonnegative and divergence.dtype.is_floating_point:
         # D ≥ 0: zeroing invalid tokens cannot raise the max, so one copy serves both (0 if none valid).
-        dz = torch.where(mask, divergence, torch.zeros((), dtype=divergence.dtype, device=divergence.device))
+        dz = zero_where_false(divergence, mask)
         div_mean = dz.sum() / n_int.to(divergence.dtype).clamp(min=1.0)
         div_max = dz.max() if dz.numel() else dz.sum()
     else:
@@ -244,7 +251,7 @@ def _binary_tv_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv
     lp, lq = _as_compute(lp, lq)
     diff = torch.exp(lp)
     diff -= torch.exp(lq)
-    dropped = torch.where(adv > 0, diff > config.delta_high, diff < -config.delta_low)
+    dropped = select_bool(adv > 0, diff > config.delta_high, diff < -config.delta_low)
     return diff.abs_(), dropped
 
 
@@ -285,13 +292,13 @@ def _binary_kl_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv
     l1q -= _log1mexp(lp.clamp(max=0.0))
     tail = 1.0 - q
     tail *= l1q
-    tail.masked_fill_(q >= 1.0, 0.0)
+    tail = zero_where_false(tail, q < 1.0)
     head += tail
     div = head.clamp_(min=0.0)
     pos = adv > 0
     big = div > config.delta_high if config.delta_low == config.delta_high else None
     if big is None:
-        big = torch.where(pos, div > config.delta_high, div > config.delta_low)
+        big = select_bool(pos, div > config.delta_high, div > config.delta_low)
     # Where D > δ > 0, p ≠ q, so "fell" is "not rose": drop iff (rose == pushed up).
     rose = lp > lq
     rose ^= pos

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from stable_async._numerics import LOG_RATIO_BOUND, sequence_log_ratio
+from stable_async._numerics import LOG_RATIO_BOUND, count_true, sequence_log_ratio, weighted_sum
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
 from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, finish
-from stable_async.losses.ppo import clipped_surrogate
+from stable_async.losses.ppo import clipped_surrogate, fused_clipped_surrogate
 from stable_async.registry import register_loss
 
 
@@ -73,5 +73,20 @@ def gspo(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
 @register_loss("gspo_token", config=GSPOConfig)
 def gspo_token(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO-token: value s_i, gradient s_i·∇log π_θ(a_t) per token (see module docstring)."""
-    log_s = _sequence_log_ratio(batch).detach().unsqueeze(-1)
-    return _clipped_surrogate(batch, config, log_s + batch.logprobs - batch.logprobs.detach())
+    if batch.advantages.requires_grad:
+        log_s = _sequence_log_ratio(batch).detach().unsqueeze(-1)
+        return _clipped_surrogate(batch, config, log_s + batch.logprobs - batch.logprobs.detach())
+    # The token log-ratio sg(log s_i) + log π_θ − sg(log π_θ) moves one for one with log π_θ: the
+    # fused surrogate applies, on the (B, 1) sequence log-ratio broadcast over the tokens.
+    token_log_ratio = batch.logprobs.detach() - batch.old_logprobs
+    lengths = count_true(batch.mask, dim=-1).to(batch.dtype).clamp(min=1.0)
+    log_s = (weighted_sum(token_log_ratio, batch.maskf, dim=-1) / lengths).unsqueeze(-1)
+    loss_mat, clipped, dual_active = fused_clipped_surrogate(
+        log_s, batch.logprobs, batch.advantages, config.eps_low, config.eps_high, config.dual_clip
+    )
+    metrics = {
+        "actor/pg_clipfrac": batch.token_fraction(clipped),
+        "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.token_fraction(dual_active),
+        "actor/ppo_kl": -batch.token_mean(token_log_ratio),
+    }
+    return finish(batch, config, loss_mat, metrics)
