@@ -75,7 +75,8 @@ def zero_where_false(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ):
         return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
     bits = mask.view(torch.uint8).to(itype).neg_()  # −1 (all bits set) where True, 0 where False
-    return (values.view(itype) & bits).view(values.dtype)
+    bits &= values.view(itype)
+    return bits.view(values.dtype)
 
 
 def select_bool(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
