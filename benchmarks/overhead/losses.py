@@ -12,6 +12,8 @@ Variants of ours:
   value at a valid position), then the loss, then ``backward()``: what a user pays per micro-batch.
 * ``+batch nocheck``: the same with ``check_finite=False``.
 * ``prebuilt``: the loss and ``backward()`` on an already built batch (the loss's own cost).
+* ``+batch compiled`` (``--compile``, ``ppo`` and ``gspo_token`` only): ``+batch`` with the loss's
+  ``compile=True`` setting (its elementwise core through ``torch.compile``).
 
 References (the trainer's code, called, never copied):
 
@@ -204,8 +206,11 @@ def _check_same(reference, loss_fn, batch_kwargs, x: Inputs, case: str) -> None:
     torch.testing.assert_close(g_ours, g_ref.float(), rtol=1e-4, atol=1e-9, msg=f"{case}: gradient")
 
 
-def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict) -> dict:
-    """The four timed callables: the reference and our three variants (see the module docstring)."""
+COMPILABLE = ("ppo", "gspo_token")  # losses with a ``compile=True`` core
+
+
+def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=None) -> dict:
+    """The timed callables: the reference and our variants (see the module docstring)."""
     prebuilt = sa.PolicyBatch(**batch_kwargs)
     nocheck = {**batch_kwargs, "check_finite": False}
 
@@ -216,16 +221,25 @@ def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict) -> dict:
 
         return go
 
-    return {
+    variants = {
         "ref": step(reference),
         "+batch": step(lambda: loss_fn(sa.PolicyBatch(**batch_kwargs)).loss),
         "+batch nocheck": step(lambda: loss_fn(sa.PolicyBatch(**nocheck)).loss),
         "prebuilt": step(lambda: loss_fn(prebuilt).loss),
     }
+    if compiled_fn is not None:
+        variants["+batch compiled"] = step(lambda: compiled_fn(sa.PolicyBatch(**batch_kwargs)).loss)
+    return variants
 
 
-def run(sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool = True) -> list[dict]:
-    """One row per (case, size): ratios of our variants to the reference, and peak memory."""
+def run(
+    sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool = True, compile: bool = False
+) -> list[dict]:
+    """One row per (case, size): ratios of our variants to the reference, and peak memory.
+
+    ``compile=True`` adds a ``+batch compiled`` variant (``compile=True`` loss setting) for the
+    losses that have one; its one-off compilation happens in the correctness check, untimed.
+    """
     rows = []
     for B, T in sizes or SIZES:
         x = make_inputs(B, T)
@@ -233,7 +247,11 @@ def run(sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool 
             reference, name, loss_kwargs, batch_kwargs = build_case(case, x)
             loss_fn = sa.get_loss(name, **loss_kwargs)
             _check_same(reference, loss_fn, batch_kwargs, x, case)
-            variants = _variants(x, reference, loss_fn, batch_kwargs)
+            compiled_fn = None
+            if compile and name in COMPILABLE:
+                compiled_fn = sa.get_loss(name, **loss_kwargs, compile=True)
+                _check_same(reference, compiled_fn, batch_kwargs, x, case + " (compiled)")
+            variants = _variants(x, reference, loss_fn, batch_kwargs, compiled_fn)
             timing = interleaved(variants, "ref", repeats=repeats, inner=inner)
             row = {
                 "case": case,
@@ -245,6 +263,7 @@ def run(sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool 
                 "ratio_nocheck": timing.ratios["+batch nocheck"],
                 "ratio_prebuilt": timing.ratios["prebuilt"],
                 "spread_batch": timing.ratio_spread["+batch"],
+                "ratio_compiled": timing.ratios.get("+batch compiled"),
             }
             if memory:
                 mem_ref = peak_memory(variants["ref"])
@@ -253,3 +272,23 @@ def run(sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool 
             x.lp.grad = None
             rows.append(row)
     return rows
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (case, size) over several rounds of `run`: median ratios and the worst +batch ratio.
+
+    A round is a whole pass over every case and size, so two rounds of the same pair are minutes
+    apart: the worst round shows how far one run on a shared machine can drift.
+    """
+    import statistics
+
+    combined = []
+    for group in zip(*rounds):
+        row = dict(group[0])  # memory is measured in the first round only (deterministic)
+        for key in ("ref_ms", "ratio_batch", "ratio_nocheck", "ratio_prebuilt", "ratio_compiled"):
+            if row.get(key) is not None:
+                row[key] = statistics.median(g[key] for g in group)
+        row["ratio_batch_worst"] = max(g["ratio_batch"] for g in group)
+        row["rounds"] = [{k: g[k] for k in ("ref_ms", "ratio_batch", "ratio_nocheck", "ratio_prebuilt")} for g in group]
+        combined.append(row)
+    return combined

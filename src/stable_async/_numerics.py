@@ -30,7 +30,7 @@ def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     A bool mask is read through a uint8 view of the same storage (bool and uint8 are both one
     byte, 0 or 1): the same values as ``mask.to(dtype)``, through a much faster CPU kernel.
     """
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool and not torch.compiler.is_compiling():  # compiled: a plain cast fuses
         return mask.view(torch.uint8).to(dtype)
     return mask.to(dtype)
 

@@ -337,7 +337,11 @@ class PolicyBatch:
 
     def token_fraction(self, condition: torch.Tensor) -> torch.Tensor:
         """Fraction of valid tokens where the bool (B, T) ``condition`` holds, fp32."""
-        return count_true(condition & self.mask).to(torch.float32) / self.num_valid.to(torch.float32).clamp(min=1.0)
+        return self.count_fraction(count_true(condition & self.mask))
+
+    def count_fraction(self, count: torch.Tensor) -> torch.Tensor:
+        """``count`` (of valid tokens) over the number of valid tokens, fp32; 0 when none is valid."""
+        return count.to(torch.float32) / self.num_valid.to(torch.float32).clamp(min=1.0)
 
     @property
     def behavior_logprobs(self) -> torch.Tensor:

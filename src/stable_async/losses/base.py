@@ -73,6 +73,12 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
+def check_flag(name: str, value: bool) -> None:
+    """Raise a TypeError naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_clip_settings(eps_low: float, eps_high: float, dual_clip: float | None = None) -> None:
     """Validate a PPO-style clip range [1 − eps_low, 1 + eps_high] and an optional dual-clip c > 1."""
     check_positive("eps_low", eps_low, allow_zero=True)

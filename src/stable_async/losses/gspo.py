@@ -13,6 +13,7 @@ so per-token advantages are allowed. With one advantage per sequence and
 Defaults from the paper: ε_low = 3e-4, ε_high = 4e-4, aggregation ``seq-mean-token-mean``.
 Optional ``dual_clip`` c > 1 bounds the loss of a negative advantage by −c·A, as PPO's dual clip
 (OpenRLHF's ``PolicyLoss(policy_loss_type="gspo", dual_clip=c)`` applies it; default off).
+``compile=True`` (``gspo_token`` only) runs the fused surrogate core through ``torch.compile``.
 Log-ratios are clamped to ±20 (veRL clamps the token log-ratio at +10, OpenRLHF not at all;
 identical on any realistic input). Metrics: ``actor/pg_clipfrac`` (token fraction clipped),
 ``actor/pg_clipfrac_lower`` (token fraction hit by the dual-clip bound; 0 without one).
@@ -27,8 +28,9 @@ import torch
 from stable_async._numerics import LOG_RATIO_BOUND, count_true, sequence_log_ratio, weighted_sum
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
-from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, finish
-from stable_async.losses.ppo import clipped_surrogate, fused_clipped_surrogate
+from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_flag, finish
+from stable_async.losses.fused_surrogate import fused_clipped_surrogate
+from stable_async.losses.ppo import clipped_surrogate
 from stable_async.registry import register_loss
 
 
@@ -40,10 +42,12 @@ class GSPOConfig(LossConfig):
     eps_low: float = 3e-4
     eps_high: float = 4e-4
     dual_clip: float | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
+        check_flag("compile", self.compile)
 
 
 def _clipped_surrogate(batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.Tensor) -> LossOutput:
@@ -66,6 +70,10 @@ def _sequence_log_ratio(batch: PolicyBatch) -> torch.Tensor:
 @register_loss("gspo", config=GSPOConfig)
 def gspo(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO with the gradient through the sequence ratio (see module docstring)."""
+    if config.compile:
+        raise ValueError(
+            "compile: only gspo_token has a compiled core (gspo's gradient runs through the sequence mean)"
+        )
     log_s = _sequence_log_ratio(batch).unsqueeze(-1).expand_as(batch.logprobs)
     return _clipped_surrogate(batch, config, log_s)
 
@@ -82,11 +90,12 @@ def gspo_token(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     lengths = count_true(batch.mask, dim=-1).to(batch.dtype).clamp(min=1.0)
     log_s = (weighted_sum(token_log_ratio, batch.maskf, dim=-1) / lengths).unsqueeze(-1)
     loss_mat, clipped, dual_active = fused_clipped_surrogate(
-        log_s, batch.logprobs, batch.advantages, config.eps_low, config.eps_high, config.dual_clip
-    )
+        log_s, batch.logprobs, batch.advantages, batch.mask, config.eps_low, config.eps_high, config.dual_clip,
+        compile=config.compile,
+    )  # fmt: skip
     metrics = {
-        "actor/pg_clipfrac": batch.token_fraction(clipped),
-        "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.token_fraction(dual_active),
+        "actor/pg_clipfrac": batch.count_fraction(clipped),
+        "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.count_fraction(dual_active),
         "actor/ppo_kl": -batch.token_mean(token_log_ratio),
     }
     return finish(batch, config, loss_mat, metrics)

@@ -11,6 +11,11 @@ Sources: Schulman et al. 2017 (arXiv 1707.06347); clip-higher ε_high from DAPO 
 (OpenRLHF and TRL); veRL's ``vanilla`` always applies a dual clip with c = 3 — pass
 ``dual_clip=3.0`` to reproduce it.
 
+The loss is evaluated with its analytic gradient (`stable_async.losses.fused_surrogate`: one
+autograd node, no second derivatives); ``compile=True`` runs that elementwise core through
+``torch.compile`` (eager fallback with a warning where it is unavailable). When the advantages
+require grad, ordinary autograd ops are used instead.
+
 Metrics (token means): ``actor/pg_clipfrac`` (the clipped term is the larger loss),
 ``actor/pg_clipfrac_lower`` (the dual-clip bound is active, A < 0), ``actor/ppo_kl``.
 """
@@ -21,11 +26,18 @@ from dataclasses import dataclass
 
 import torch
 
-from stable_async._known_gradient import with_known_gradient
-from stable_async._numerics import LOG_RATIO_BOUND, float_mask, safe_exp, select_bool
+from stable_async._numerics import safe_exp
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
-from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_positive, finish
+from stable_async.losses.base import (
+    LossConfig,
+    LossOutput,
+    check_clip_settings,
+    check_flag,
+    check_positive,
+    finish,
+)
+from stable_async.losses.fused_surrogate import fused_clipped_surrogate
 from stable_async.registry import register_loss
 
 
@@ -37,12 +49,14 @@ class PPOConfig(LossConfig):
     eps_high: float = 0.2
     dual_clip: float | None = None
     ratio_cap: float | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
         if self.ratio_cap is not None:
             check_positive("ratio_cap", self.ratio_cap)
+        check_flag("compile", self.compile)
 
 
 def clipped_surrogate(
@@ -71,75 +85,18 @@ def clipped_surrogate(
     return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
 
 
-def fused_clipped_surrogate(
-    log_ratio: torch.Tensor,
-    logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None = None,
-    ratio_cap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`clipped_surrogate` of r = exp(clamp(log_ratio, ±20)) for a log-ratio that moves one for one
-    with ``logprobs`` (∂ log_ratio / ∂ logprobs = 1 elementwise; ``log_ratio`` itself detached).
-
-    The value is computed without a graph together with its derivative, which autograd would
-    produce through ``exp``, ``clamp``, ``maximum`` and ``minimum``:
-
-        ∂ℓ/∂log π = −A·r · 1[|log r| ≤ 20] · g,   g = 1[r ≤ cap]            where −A·r̃ ≥ −A·clip(r)
-                                                     g = 1[1−ε_low ≤ r ≤ 1+ε_high]  otherwise
-        and 0 where the dual clip bounds the loss.
-
-    For A ≥ 0 the loss is ≤ 0 ≤ c·|A|, so the dual clip is ``minimum(ℓ, c·|A|)`` for every token,
-    which equals −c·A exactly where A < 0. At an exact tie between the loss and the dual-clip
-    bound autograd would split the gradient in halves; here the unbounded side is taken.
-    Returns (loss with that gradient, clipped mask, dual-clip-active mask or None).
-    """
-    with torch.no_grad():
-        clamped = log_ratio.clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
-        ratio = torch.exp(clamped)
-        neg_adv = -advantages
-        neg_adv_ratio = neg_adv * ratio
-        loss_unclipped = neg_adv_ratio if ratio_cap is None else neg_adv * ratio.clamp(max=ratio_cap)
-        loss_clipped = neg_adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-        unclipped_wins = loss_unclipped >= loss_clipped
-        loss = torch.maximum(loss_unclipped, loss_clipped)
-        # Without a cap, the clipped branch can only win where r is outside the clip range (zero
-        # gradient); with one it can win inside the range (r > cap, A < 0) and carry −A.
-        if ratio_cap is None:
-            open_gradient = unclipped_wins & (clamped == log_ratio)
-        else:
-            open_gradient = _capped_gradient_gate(ratio, unclipped_wins, eps_low, eps_high, ratio_cap)
-            open_gradient &= clamped == log_ratio
-        dual_active = None
-        if dual_clip is not None:
-            bound = advantages.abs() * dual_clip
-            dual_active = loss > bound
-            loss = torch.minimum(loss, bound)
-            open_gradient &= ~dual_active
-        derivative = neg_adv_ratio * float_mask(open_gradient, ratio.dtype)
-    return with_known_gradient(logprobs, loss, derivative), ~unclipped_wins, dual_active
-
-
-def _capped_gradient_gate(
-    ratio: torch.Tensor, unclipped_wins: torch.Tensor, eps_low: float, eps_high: float, ratio_cap: float
-) -> torch.Tensor:
-    inside = (ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high)
-    return select_bool(unclipped_wins, ratio <= ratio_cap, inside)
-
-
 @register_loss("ppo", config=PPOConfig)
 def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     """PPO-clip (see module docstring)."""
     if not batch.advantages.requires_grad:
         log_ratio = batch.logprobs.detach() - batch.old_logprobs
         loss_mat, clipped, dual_active = fused_clipped_surrogate(
-            log_ratio, batch.logprobs, batch.advantages, config.eps_low, config.eps_high, config.dual_clip,
-            config.ratio_cap,
+            log_ratio, batch.logprobs, batch.advantages, batch.mask, config.eps_low, config.eps_high,
+            config.dual_clip, config.ratio_cap, compile=config.compile,
         )  # fmt: skip
         metrics = {
-            "actor/pg_clipfrac": batch.token_fraction(clipped),
-            "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.token_fraction(dual_active),
+            "actor/pg_clipfrac": batch.count_fraction(clipped),
+            "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.count_fraction(dual_active),
             "actor/ppo_kl": -batch.token_mean(log_ratio),
         }
         return finish(batch, config, loss_mat, metrics)
