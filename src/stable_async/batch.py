@@ -128,6 +128,7 @@ class PolicyBatch:
     dtype: torch.dtype = field(init=False)
     _maskf: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
     _num_valid: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
+    _denominators: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         lp = _check_tensor("logprobs", self.logprobs)
@@ -333,7 +334,7 @@ class PolicyBatch:
         positions (see the module docstring); a NaN/inf at a masked position of ``values`` would
         poison the mean (use `stable_async._numerics.masked_mean` for arbitrary values).
         """
-        return weighted_sum(values, self.maskf.to(values.dtype)) / self.num_valid.to(values.dtype).clamp(min=1.0)
+        return weighted_sum(values, self.maskf.to(values.dtype)) / self._denominator(values.dtype)
 
     def token_fraction(self, condition: torch.Tensor) -> torch.Tensor:
         """Fraction of valid tokens where the bool (B, T) ``condition`` holds, fp32."""
@@ -341,7 +342,14 @@ class PolicyBatch:
 
     def count_fraction(self, count: torch.Tensor) -> torch.Tensor:
         """``count`` (of valid tokens) over the number of valid tokens, fp32; 0 when none is valid."""
-        return count.to(torch.float32) / self.num_valid.to(torch.float32).clamp(min=1.0)
+        return count.to(torch.float32) / self._denominator(torch.float32)
+
+    def _denominator(self, dtype: torch.dtype) -> torch.Tensor:
+        """max(number of valid tokens, 1) in ``dtype``, computed once per batch and dtype."""
+        denominator = self._denominators.get(dtype)
+        if denominator is None:
+            denominator = self._denominators[dtype] = self.num_valid.to(dtype).clamp(min=1.0)
+        return denominator
 
     @property
     def behavior_logprobs(self) -> torch.Tensor:

@@ -62,3 +62,17 @@ def bench_run_cases():
     import losses
 
     return losses.CASES
+
+
+def test_rounds_and_compiled_variant(bench_run, tmp_path, capsys):
+    """--rounds reports the median and the worst round; --compile adds a column for ppo / gspo_token only."""
+    out = tmp_path / "results.json"
+    argv = ["--smallest", "--parts", "losses", "--rounds", "2", "--compile", "--json", str(out)]
+    assert bench_run.main([*argv, "--cases", "openrlhf:PolicyLoss", "verl:cispo"]) == 0
+    text = capsys.readouterr().out
+    assert "+batch worst round" in text and "+batch compiled" in text
+    rows = {r["case"]: r for r in json.loads(out.read_text())["losses"]}
+    ppo, cispo = rows["openrlhf:PolicyLoss"], rows["verl:cispo"]
+    assert len(ppo["rounds"]) == 2
+    assert ppo["ratio_batch_worst"] == max(r["ratio_batch"] for r in ppo["rounds"])
+    assert ppo["ratio_compiled"] > 0 and cispo["ratio_compiled"] is None
