@@ -17,6 +17,7 @@ computed in the compute dtype from log-probabilities, with ``log(1 − e^x)`` ev
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -27,12 +28,6 @@ from stable_async._numerics import LOG_RATIO_BOUND, compute_dtype
 def _as_compute(*tensors: torch.Tensor) -> list[torch.Tensor]:
     dtype = compute_dtype(*tensors)
     return [t.to(dtype) for t in tensors]
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − e^x) for x ≤ 0, accurate near 0 and for very negative x (Mächler 2012)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -70,12 +65,29 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
     if eps > 0:
         lo, hi = torch.log(torch.tensor(eps, dtype=lp.dtype)), torch.log1p(torch.tensor(-eps, dtype=lp.dtype))
         lp, lq = lp.clamp(min=float(lo), max=float(hi)), lq.clamp(min=float(lo), max=float(hi))
+    return _binary_kl_log_space(lp, lq)
+
+
+def _binary_kl_log_space(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """q·(log q − log p) + (1 − q)·log1p((p − q)/(1 − p)), every factor from log-probabilities:
+
+    p − q = q·expm1(log p − log q), 1 − p = −expm1(log p) and 1 − q = −expm1(log q) are accurate
+    to a few ulp however close p is to q or to 1, so the tail has no cancellation between two
+    nearly equal logs. The tail is 0 where q ≥ 1; where p = 1 > q it is +inf (the divergence is
+    infinite).
+    """
+    lp = lp.clamp(max=0.0)
     q = torch.exp(lq)
-    head = q * (lq - lp)
-    tail = (1.0 - q) * (log1mexp(lq) - log1mexp(lp))
-    # (1 − q)·log(...) with q = 1 is 0·finite, or 0 · inf when p = 1 too: define it as 0.
-    tail = torch.where(q >= 1.0, torch.zeros_like(tail), tail)
-    return (head + tail).clamp(min=0.0)
+    log_ratio = lp - lq
+    one_minus_p = torch.rsub(torch.expm1(lp), 0.0)  # 0 − expm1(log p): +0.0, never −0.0, at p = 1
+    one_minus_q = torch.rsub(torch.expm1(lq), 0.0).clamp_(min=0.0)  # a log q > 0 counts as q = 1
+    tail = torch.log1p(q * torch.expm1(log_ratio) / one_minus_p) * one_minus_q
+    # NaN and −inf only arise where the tail is 0 or negligible: at q = 1 (0·log 0, or 0·∞ when
+    # p = 1 too), and where 1 − q is below an ulp of 1 − p (the log1p argument rounds to ≤ −1;
+    # the true tail (1 − q)·log((1 − q)/(1 − p)) is then negligible next to the head term).
+    # +inf (p = 1 > q: the divergence is infinite) is kept.
+    tail = torch.nan_to_num(tail, nan=0.0, neginf=0.0, posinf=math.inf)
+    return (tail - q * log_ratio).clamp(min=0.0)
 
 
 # ----------------------------------------------------------------------------- top-K (DPPO)

@@ -246,8 +246,60 @@ def test_binary_fast_paths_match_reference_divergence_and_mask(dtype, deltas):
     low, high = deltas
     cfg = DPPOKLConfig(delta_low=low, delta_high=high)
     for parts, ref in ((_binary_kl_parts, D.binary_kl), (_binary_tv_parts, D.binary_tv)):
-        div, dropped = parts(lp, lq, cfg, adv)
+        div, dropped, positive = parts(lp, lq, cfg, adv)
+        assert torch.equal(positive, adv > 0)
         expected = ref(lp, lq)
         assert torch.equal(div.isnan(), expected.isnan())
         assert torch.equal(torch.nan_to_num(div), torch.nan_to_num(expected))
         assert torch.equal(dropped, trust_region_mask(lp, lq, adv, expected, low, high))
+
+
+def _binary_kl_exact(lp: float, lq: float) -> float:
+    """KL(q ‖ p) over {token, rest} with 80 significant digits (mpmath), from the log-probabilities."""
+    import mpmath
+
+    with mpmath.workdps(80):
+        lp_m, lq_m = mpmath.mpf(lp), mpmath.mpf(lq)
+        q = mpmath.exp(lq_m)
+        one_minus_p, one_minus_q = -mpmath.expm1(lp_m), -mpmath.expm1(lq_m)
+        head = q * (lq_m - lp_m)
+        if one_minus_q == 0:
+            return float(head)
+        if one_minus_p == 0:
+            return math.inf
+        return float(max(head + one_minus_q * (mpmath.log(one_minus_q) - mpmath.log(one_minus_p)), 0))
+
+
+def test_binary_kl_against_high_precision():
+    """Relative error against an 80-digit evaluation, including p ≈ q (where the two tails nearly
+    cancel), p or q within 1e-12 of 1, tiny probabilities, and p = 1 (infinite) or q = 1 (tail 0)."""
+    gen = torch.Generator().manual_seed(11)
+    edges = [0.0, -1e-300, -1e-12, -1e-7, -0.6931471805599453, -0.69, -0.7, -1e-3, -0.1, -5.0, -20.0, -80.0]
+    pairs = [(a, b) for a in edges for b in edges]
+    for _ in range(400):
+        lq = -6.0 * float(torch.rand(1, generator=gen))
+        pairs.append((min(lq + 0.3 * float(torch.randn(1, generator=gen)), 0.0), lq))
+        lq = -1e-3 * float(torch.rand(1, generator=gen))
+        pairs.append((min(lq * (1 + 1e-3 * float(torch.randn(1, generator=gen))), 0.0), lq))
+    lp = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
+    lq = torch.tensor([b for _, b in pairs], dtype=torch.float64)
+    exact = torch.tensor([_binary_kl_exact(a, b) for a, b in pairs], dtype=torch.float64)
+    got = D.binary_kl(lp, lq)
+    assert torch.equal(torch.isinf(got), torch.isinf(exact)) and not got.isnan().any()
+    finite = torch.isfinite(exact)
+    err = (got - exact).abs()[finite]
+    scale = exact.abs()[finite]
+    # A few ulp of the head term q·|log q − log p| bound what fp64 can resolve in the difference.
+    head = (lq.exp() * (lq - lp).abs())[finite]
+    assert (err <= 1e-12 * scale + 1e-15 * head + 1e-300).all(), err.max()
+    assert D.binary_kl(torch.tensor([0.0]), torch.tensor([-0.5])).item() == math.inf  # p = 1 > q
+    assert D.binary_kl(torch.tensor([-0.5]), torch.tensor([0.0])).item() == pytest.approx(0.5)  # q = 1: head only
+
+
+def test_binary_kl_gradient_matches_autograd_of_the_textbook_form():
+    lp = torch.tensor([-0.2, -1.5, -3.0], dtype=torch.float64, requires_grad=True)
+    lq = torch.tensor([-0.5, -1.0, -2.0], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(D.binary_kl(lp, lq).sum(), lp)
+    p, q = lp.detach().exp(), lq.exp()
+    # d/dlog p of q(log q − log p) + (1 − q)(log(1 − q) − log(1 − p)) = −q + (1 − q)·p/(1 − p)
+    torch.testing.assert_close(grad, -q + (1 - q) * p / (1 - p), rtol=1e-12, atol=0.0)

@@ -69,7 +69,7 @@ from stable_async._numerics import (
 )
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.diagnostics import fraction
-from stable_async.divergence import _as_compute, binary_kl, binary_tv, topk_kl, topk_tv
+from stable_async.divergence import _as_compute, _binary_kl_log_space, binary_kl, binary_tv, topk_kl, topk_tv
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
 from stable_async.registry import register_loss
 
@@ -163,6 +163,7 @@ def _dppo(
     divergence: torch.Tensor,
     dropped: torch.Tensor | None = None,
     nonnegative: bool = False,
+    positive: torch.Tensor | None = None,
 ) -> LossOutput:
     """Shared DPPO body. ``dropped`` may be passed precomputed (the binary losses derive it from
     quantities they already hold); ``nonnegative`` lets the divergence mean and max share one pass."""
@@ -182,7 +183,7 @@ def _dppo(
         loss_mat = coef * lp
     else:
         loss_mat, _ = dppo_token_loss(lp, anchor, adv, dropped, config.ratio_cap)
-    metrics = _dppo_metrics(mask, adv, dropped, ratio, log_ratio, divergence, config.ratio_cap, nonnegative)
+    metrics = _dppo_metrics(mask, adv, dropped, ratio, log_ratio, divergence, config.ratio_cap, nonnegative, positive)
     return finish(batch, config, loss_mat, metrics)
 
 
@@ -195,6 +196,7 @@ def _dppo_metrics(
     divergence: torch.Tensor,
     ratio_cap: float | None,
     nonnegative: bool,
+    positive: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The DPPO metrics with one valid-token count, integer counts stacked into one division, and
     (for a nonnegative divergence) one masked copy of the divergence for its mean and max."""
@@ -212,7 +214,7 @@ def _dppo_metrics(
     n_int = count_true(mask)
     dm = dropped & mask
     zero = n_int.new_zeros(())
-    pos = count_true(dm & (adv > 0))
+    pos = count_true(dm & (adv > 0 if positive is None else positive))
     counts = [count_true(dm), zero, pos, count_true(dm & (adv < 0))]
     if ratio_cap is not None:
         capped = ratio > ratio_cap
@@ -242,66 +244,22 @@ def _dppo_metrics(
     }
 
 
-_LN2 = 0.6931471805599453
-
-
 def _binary_tv_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv: torch.Tensor):
     """|p − q| and the trust-region mask from one difference p − q (exp is monotone, so
     p − q > δ > 0 implies p > q: the same mask as ``trust_region_mask``)."""
     lp, lq = _as_compute(lp, lq)
     diff = torch.exp(lp)
     diff -= torch.exp(lq)
-    dropped = select_bool(adv > 0, diff > config.delta_high, diff < -config.delta_low)
-    return diff.abs_(), dropped
-
-
-def _select_into(near: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``where(near < 0, a, b)`` for float tensors, bit-exact, written into ``a`` (``near`` is
-    overwritten too): no data-dependent branch and no new full-size temporary.
-
-    ``torch.where`` on a random boolean pattern runs many times slower on CPU than an elementwise
-    op (branch mispredictions); here the sign bit of ``near`` becomes an all-ones/zeros integer
-    mask (arithmetic shift) that selects the bits of ``a`` or ``b``. Infinities and NaNs pass
-    unchanged. ``near``, ``a`` and ``b`` must be fresh tensors of one shape and float dtype.
-    """
-    itype = {torch.float32: torch.int32, torch.float64: torch.int64}.get(a.dtype)
-    if itype is None or b.dtype != a.dtype or near.dtype != a.dtype or a.shape != b.shape or a.shape != near.shape:
-        return torch.where(near < 0, a, b)
-    bits = near.view(itype)
-    bits >>= 31 if itype == torch.int32 else 63  # −1 where the sign bit is set, else 0
-    out = a.view(itype)
-    out &= bits
-    bits.bitwise_not_()
-    bits &= b.view(itype)
-    out |= bits
-    return a
-
-
-def _log1mexp(x: torch.Tensor, exp_x: torch.Tensor | None = None) -> torch.Tensor:
-    """`stable_async.divergence.log1mexp` for x ≤ 0 (same branches, same values), branch-free;
-    ``exp_x`` reuses an already computed exp(x)."""
-    near = -_LN2 - x  # < 0 (sign bit set) exactly where x > −ln 2
-    head = torch.expm1(x).neg_().log_()
-    tail = torch.exp(x).neg_() if exp_x is None else exp_x.neg()
-    return _select_into(near, head, tail.log1p_())
+    pos = adv > 0
+    dropped = select_bool(pos, diff > config.delta_high, diff < -config.delta_low)
+    return diff.abs_(), dropped, pos
 
 
 def _binary_kl_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv: torch.Tensor):
-    """`binary_kl` (same formula, same values) with fewer passes: the anchor's exp is shared between
-    the head term and its log1mexp, log1mexp selects its branch without ``torch.where``, and the
-    direction test is folded into one comparison (D > δ > 0 implies p ≠ q)."""
+    """`binary_kl` (the same function) and the trust-region mask with the direction test folded
+    into one comparison (D > δ > 0 implies p ≠ q)."""
     lp, lq = _as_compute(lp, lq)
-    q = torch.exp(lq)
-    head = lq - lp
-    head *= q
-    # No clamp for the anchor: where log q > 0, q ≥ 1 and the tail is set to 0 below anyway.
-    l1q = _log1mexp(lq, q)
-    l1q -= _log1mexp(lp.clamp(max=0.0))
-    tail = 1.0 - q
-    tail *= l1q
-    tail = zero_where_false(tail, q < 1.0)
-    head += tail
-    div = head.clamp_(min=0.0)
+    div = _binary_kl_log_space(lp, lq)
     pos = adv > 0
     big = div > config.delta_high if config.delta_low == config.delta_high else None
     if big is None:
@@ -310,7 +268,7 @@ def _binary_kl_parts(lp: torch.Tensor, lq: torch.Tensor, config: DPPOConfig, adv
     rose = lp > lq
     rose ^= pos
     big &= ~rose
-    return div, big
+    return div, big, pos
 
 
 def _binary_dppo(batch: PolicyBatch, config: DPPOConfig, name: str, divergence: Any, fused_parts: Any) -> LossOutput:
@@ -318,8 +276,8 @@ def _binary_dppo(batch: PolicyBatch, config: DPPOConfig, name: str, divergence: 
     anchor = _anchor_logprobs(batch, config, name)
     if batch.advantages.shape != batch.logprobs.shape:
         return _dppo(batch, config, name, divergence(batch.logprobs.detach(), anchor))
-    div, dropped = fused_parts(batch.logprobs.detach(), anchor.detach(), config, batch.advantages)
-    return _dppo(batch, config, name, div, dropped, nonnegative=True)
+    div, dropped, positive = fused_parts(batch.logprobs.detach(), anchor.detach(), config, batch.advantages)
+    return _dppo(batch, config, name, div, dropped, nonnegative=True, positive=positive)
 
 
 @register_loss("dppo_binary_tv", config=DPPOConfig)
