@@ -59,7 +59,11 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
     """Binary KL(q ‖ p) over {sampled token, everything else} (elementwise, ≥ 0).
 
     ``eps`` > 0 clamps both probabilities to [eps, 1 − eps] first (OpenRLHF's gate uses 1e-6);
-    with ``eps = 0`` the computation is exact in log space and infinite only where p = 1 ≠ q.
+    with ``eps = 0`` it is evaluated from the log-probabilities as
+    q·(log q − log p) + (1 − q)·log1p((p − q)/(1 − p)) with p − q = q·expm1(log p − log q) and
+    1 − p, 1 − q from ``expm1``: in fp64 the error stays below 1e-12 of the value plus 1e-15 of
+    q·|log q − log p|, even for p ≈ q or p, q near 1 (tests/unit/test_dppo.py checks it against an
+    80-digit evaluation); infinite only where p = 1 > q.
     """
     lp, lq = _as_compute(logprobs, rollout_logprobs)
     if eps > 0:
