@@ -26,6 +26,7 @@ import torch
 from stable_async._compile import compiled_or_eager
 from stable_async._known_gradient import with_known_gradient
 from stable_async._numerics import LOG_RATIO_BOUND, count_true, float_mask, select_bool
+from stable_async.batch import PolicyBatch
 
 
 def surrogate_value_and_derivative(
@@ -97,3 +98,16 @@ def fused_clipped_surrogate(
             log_ratio.detach(), advantages.detach(), mask, eps_low, eps_high, dual_clip, ratio_cap
         )
     return with_known_gradient(logprobs, loss, derivative), clipped, dual_active
+
+
+def surrogate_metrics(
+    batch: PolicyBatch, clipped: torch.Tensor, dual_active: torch.Tensor | None, log_ratio: torch.Tensor
+) -> dict[str, torch.Tensor | float]:
+    """veRL's PPO metrics from `fused_clipped_surrogate`'s counts and the (B, T) token log-ratio
+    log π_θ − log π_old: ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower`` (0 without a dual
+    clip), ``actor/ppo_kl`` (token mean of log π_old − log π_θ)."""
+    return {
+        "actor/pg_clipfrac": batch.count_fraction(clipped),
+        "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.count_fraction(dual_active),
+        "actor/ppo_kl": -batch.token_mean(log_ratio),
+    }

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from stable_async._numerics import LOG_RATIO_BOUND, count_true, sequence_log_ratio, weighted_sum
+from stable_async._numerics import LOG_RATIO_BOUND, sequence_log_ratio
 from stable_async.batch import PolicyBatch
 from stable_async.diagnostics import approx_kl, fraction
 from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_flag, finish
-from stable_async.losses.fused_surrogate import fused_clipped_surrogate
+from stable_async.losses.fused_surrogate import fused_clipped_surrogate, surrogate_metrics
 from stable_async.losses.ppo import clipped_surrogate
 from stable_async.registry import register_loss
 
@@ -87,15 +87,9 @@ def gspo_token(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     # The token log-ratio sg(log s_i) + log π_θ − sg(log π_θ) moves one for one with log π_θ: the
     # fused surrogate applies, on the (B, 1) sequence log-ratio broadcast over the tokens.
     token_log_ratio = batch.logprobs.detach() - batch.old_logprobs
-    lengths = count_true(batch.mask, dim=-1).to(batch.dtype).clamp(min=1.0)
-    log_s = (weighted_sum(token_log_ratio, batch.maskf, dim=-1) / lengths).unsqueeze(-1)
+    log_s = sequence_log_ratio(token_log_ratio, batch.mask, mean=True).unsqueeze(-1)
     loss_mat, clipped, dual_active = fused_clipped_surrogate(
         log_s, batch.logprobs, batch.advantages, batch.mask, config.eps_low, config.eps_high, config.dual_clip,
         compile=config.compile,
     )  # fmt: skip
-    metrics = {
-        "actor/pg_clipfrac": batch.count_fraction(clipped),
-        "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.count_fraction(dual_active),
-        "actor/ppo_kl": -batch.token_mean(token_log_ratio),
-    }
-    return finish(batch, config, loss_mat, metrics)
+    return finish(batch, config, loss_mat, surrogate_metrics(batch, clipped, dual_active, token_log_ratio))

@@ -28,7 +28,6 @@ import torch
 
 from stable_async._numerics import safe_exp
 from stable_async.batch import PolicyBatch
-from stable_async.diagnostics import approx_kl, fraction
 from stable_async.losses.base import (
     LossConfig,
     LossOutput,
@@ -37,7 +36,7 @@ from stable_async.losses.base import (
     check_positive,
     finish,
 )
-from stable_async.losses.fused_surrogate import fused_clipped_surrogate
+from stable_async.losses.fused_surrogate import fused_clipped_surrogate, surrogate_metrics
 from stable_async.registry import register_loss
 
 
@@ -94,37 +93,16 @@ def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
             log_ratio, batch.logprobs, batch.advantages, batch.mask, config.eps_low, config.eps_high,
             config.dual_clip, config.ratio_cap, compile=config.compile,
         )  # fmt: skip
-        metrics = {
-            "actor/pg_clipfrac": batch.count_fraction(clipped),
-            "actor/pg_clipfrac_lower": 0.0 if dual_active is None else batch.count_fraction(dual_active),
-            "actor/ppo_kl": -batch.token_mean(log_ratio),
-        }
-        return finish(batch, config, loss_mat, metrics)
+        return finish(batch, config, loss_mat, surrogate_metrics(batch, clipped, dual_active, log_ratio))
     log_ratio = batch.logprobs - batch.old_logprobs
     ratio = safe_exp(log_ratio)
     loss_mat, clipped, dual_active = clipped_surrogate(
         ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip, config.ratio_cap
     )
-    mask = batch.mask
-    if mask.dtype == torch.bool and log_ratio.shape == mask.shape and clipped.shape == mask.shape:
-        # One valid-token count for every metric, and actor/ppo_kl from the log-ratio already computed
-        # (old − new = −(new − old) exactly, so −Σ(new − old) is the same number as Σ(old − new)).
-        n = mask.sum()
-        n_frac = n.to(torch.float32).clamp(min=1.0)
-        zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-        kl = -torch.where(mask, log_ratio.detach(), zero).sum() / n.to(log_ratio.dtype).clamp(min=1.0)
-        metrics = {
-            "actor/pg_clipfrac": (clipped & mask).sum().to(torch.float32) / n_frac,
-            "actor/pg_clipfrac_lower": (dual_active & mask).sum().to(torch.float32) / n_frac
-            if config.dual_clip is not None
-            else 0.0,
-            "actor/ppo_kl": kl,
-        }
-        return finish(batch, config, loss_mat, metrics)
     metrics = {
-        "actor/pg_clipfrac": fraction(clipped, batch.mask),
+        "actor/pg_clipfrac": batch.token_fraction(clipped),
         # Without a dual clip the bound is never active: 0 exactly, without a pass over the tokens.
-        "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask) if config.dual_clip is not None else 0.0,
-        "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
+        "actor/pg_clipfrac_lower": batch.token_fraction(dual_active) if config.dual_clip is not None else 0.0,
+        "actor/ppo_kl": -batch.token_mean(log_ratio.detach()),
     }
     return finish(batch, config, loss_mat, metrics)
