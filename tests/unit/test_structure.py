@@ -150,3 +150,22 @@ def test_no_import_cycle():
 def test_no_cross_module_private_import():
     problems = _private_imports()
     assert not problems, "private imports across modules:\n" + "\n".join(problems)
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml holds the version; the package reads it from the installed metadata."""
+    import re
+    from importlib import metadata
+
+    import stable_async
+
+    pyproject = (SRC.parent / "pyproject.toml").read_text()
+    (declared,) = re.findall(r'^version = "([^"]+)"', pyproject, flags=re.M)
+    literal = re.compile(re.escape(declared).join([r'["\']', r'["\']']))
+    assert not [p for p in (SRC / PACKAGE).rglob("*.py") if literal.search(p.read_text())]
+    try:
+        installed = metadata.version("stable-async")
+    except metadata.PackageNotFoundError:
+        assert stable_async.__version__ == "0+unknown"
+        return
+    assert stable_async.__version__ == installed

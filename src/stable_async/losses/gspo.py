@@ -27,7 +27,6 @@ import torch
 
 from stable_async._numerics import sequence_log_ratio
 from stable_async.batch import PolicyBatch
-from stable_async.diagnostics import approx_kl, fraction
 from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_flag, finish
 from stable_async.losses.ppo import surrogate
 from stable_async.registry import register_loss
@@ -49,15 +48,18 @@ class GSPOConfig(LossConfig):
         check_flag("compile", self.compile)
 
 
-def _sequence_clipped_surrogate(batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.Tensor) -> LossOutput:
-    """The clipped surrogate of a (B, T) log-ratio that holds log s_i at every token of sequence i."""
+def _sequence_clipped_surrogate(
+    batch: PolicyBatch, config: GSPOConfig, log_ratio: torch.Tensor, token_log_ratio: torch.Tensor
+) -> LossOutput:
+    """The clipped surrogate of a (B, T) log-ratio that holds log s_i at every token of sequence i;
+    ``token_log_ratio`` is log π_θ − log π_old (for ``actor/ppo_kl``)."""
     loss_mat, clipped, dual_active = surrogate(config.compile)(
         log_ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip
     )
     metrics = {
-        "actor/pg_clipfrac": fraction(clipped, batch.mask),
-        "actor/pg_clipfrac_lower": fraction(dual_active, batch.mask),
-        "actor/ppo_kl": approx_kl(batch.logprobs, batch.old_logprobs, batch.mask),
+        "actor/pg_clipfrac": batch.token_fraction(clipped),
+        "actor/pg_clipfrac_lower": batch.token_fraction(dual_active) if config.dual_clip is not None else 0.0,
+        "actor/ppo_kl": -batch.token_mean(token_log_ratio.detach()),
     }
     return finish(batch, config, loss_mat, metrics)
 
@@ -70,14 +72,16 @@ def _log_s(token_log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @register_loss("gspo", config=GSPOConfig, requires={"old_logprobs"})
 def gspo(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO with the gradient through the sequence ratio (see module docstring)."""
-    log_s = _log_s(batch.logprobs - batch.old_logprobs, batch.mask)
-    return _sequence_clipped_surrogate(batch, config, log_s.expand_as(batch.logprobs))
+    token_log_ratio = batch.logprobs - batch.old_logprobs
+    log_s = _log_s(token_log_ratio, batch.mask)
+    return _sequence_clipped_surrogate(batch, config, log_s.expand_as(batch.logprobs), token_log_ratio)
 
 
 @register_loss("gspo_token", config=GSPOConfig, requires={"old_logprobs"})
 def gspo_token(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO-token: value s_i, gradient s_i·∇log π_θ(a_t) per token (see module docstring)."""
     lp = batch.logprobs
-    log_s = _log_s(lp.detach() - batch.old_logprobs, batch.mask)
-    token_log_ratio = log_s + (lp - lp.detach())  # sg(log s_i) + log π_θ − sg(log π_θ)
-    return _sequence_clipped_surrogate(batch, config, token_log_ratio)
+    token_log_ratio = lp.detach() - batch.old_logprobs
+    log_s = _log_s(token_log_ratio, batch.mask)
+    log_s_per_token = log_s + (lp - lp.detach())  # sg(log s_i) + log π_θ − sg(log π_θ)
+    return _sequence_clipped_surrogate(batch, config, log_s_per_token, token_log_ratio)

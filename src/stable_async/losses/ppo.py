@@ -72,14 +72,15 @@ def clipped_surrogate(
     ℓ = max(−min(r, cap)·A, −clip(r, 1−ε_low, 1+ε_high)·A), then min(ℓ, −c·A) where A < 0.
     Shared by ``ppo``, ``gspo``/``gspo_token`` (sequence ratio) and ``decoupled_ppo``.
     """
+    neg_adv = -advantages
     unclipped_ratio = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
-    loss_unclipped = -advantages * unclipped_ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss_unclipped = neg_adv * unclipped_ratio
+    loss_clipped = neg_adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
     if dual_clip is None:
         return loss, clipped, torch.zeros_like(clipped)
-    dual_bound = -advantages * dual_clip
+    dual_bound = neg_adv * dual_clip
     negative = advantages < 0
     dual_active = negative & (loss > dual_bound)
     return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
