@@ -129,7 +129,8 @@ def _private_imports() -> list[str]:
             if not target.startswith(PACKAGE):
                 continue
             where = f"{path.relative_to(SRC)}:{line}"
-            problems += [f"{where} imports {n} from {target}" for n in names if n.startswith("_") and n != "__version__"]
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            problems += [f"{where} imports {n} from {target}" for n in private]
             private_module = any(part.startswith("_") for part in target.split(".")[1:])
             if client and private_module and not target.startswith(client + "."):
                 problems.append(f"{where} ({client} is a client of the core) imports the private module {target}")
