@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stable_async._numerics import masked_mean
-from stable_async.aggregate import aggregate, aggregate_sequences, check_aggregation
+from stable_async.aggregate import aggregate, aggregate_finite, aggregate_sequences, check_aggregation
 
 if TYPE_CHECKING:
     from stable_async.batch import PolicyBatch
@@ -96,8 +96,11 @@ def finish(
     """Apply the correction, aggregate a (B, T) loss matrix, and pack the output.
 
     With a `RolloutCorrection`, the loss matrix is multiplied by its weights and the mask
-    intersected with its ``keep``; then `stable_async.aggregate.aggregate` reduces it with the
-    configured mode and data-parallel counts (masked positions never reach the loss, even NaN).
+    intersected with its ``keep``. The aggregation is the formula's Σ m·ℓ, a mask-weighted sum
+    (`stable_async.aggregate.aggregate_finite`), exact because a loss computed from the batch's
+    fields is finite at masked positions (the batch keeps them finite). The loss value is read
+    back with the metrics anyway; should it not be finite, it is aggregated again by selection
+    (`stable_async.aggregate.aggregate`), so a NaN/inf at a masked position never reaches it.
     """
     mask = batch.mask
     if config.correction is not None:
@@ -105,17 +108,20 @@ def finish(
         loss_mat = loss_mat * result.weights
         mask = mask & result.keep
         metrics.update(result.metrics)
-    loss = aggregate(
-        loss_mat,
-        mask,
-        config.aggregation,
-        global_num_tokens=batch.global_num_tokens,
-        global_num_seqs=batch.global_num_seqs,
-        dp_size=batch.dp_size,
-        norm_length=config.norm_length,
-    )
+    maskf = batch.maskf if mask is batch.mask else mask.to(loss_mat.dtype)
+    counts = {
+        "global_num_tokens": batch.global_num_tokens,
+        "global_num_seqs": batch.global_num_seqs,
+        "dp_size": batch.dp_size,
+        "norm_length": config.norm_length,
+    }
+    loss = aggregate_finite(loss_mat, mask, maskf.to(loss_mat.dtype), config.aggregation, **counts)
     metrics["actor/pg_loss"] = loss.detach()
-    return LossOutput(loss=loss, metrics=_to_floats(metrics), per_token_loss=loss_mat.detach())
+    values = _to_floats(metrics)
+    if not math.isfinite(values["actor/pg_loss"]):
+        loss = aggregate(loss_mat, mask, config.aggregation, **counts)
+        values["actor/pg_loss"] = float(loss.detach())
+    return LossOutput(loss=loss, metrics=values, per_token_loss=loss_mat.detach())
 
 
 def finish_sequences(

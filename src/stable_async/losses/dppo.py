@@ -161,8 +161,8 @@ def dppo_loss(batch: PolicyBatch, config: DPPOConfig, divergence: torch.Tensor) 
     log_ratio = (batch.logprobs.detach() - weight_anchor).clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     weight = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)
-    coefficient = torch.where(dropped, 0.0, weight * adv)  # M·sg(min(p/q_w, c))·A, detached
-    loss_mat = -coefficient * batch.logprobs
+    keep = (~dropped).to(weight.dtype)  # M_t
+    loss_mat = -(keep * weight * adv) * batch.logprobs
     metrics = dppo_metrics(batch, dropped, log_ratio, ratio, divergence, config.ratio_cap)
     return finish(batch, config, loss_mat, metrics)
 
