@@ -109,7 +109,7 @@ def finish(
         mask = mask & result.keep
         metrics.update(result.metrics)
     maskf = batch.maskf if mask is batch.mask else mask.to(loss_mat.dtype)
-    counts = {
+    counts: dict[str, Any] = {
         "global_num_tokens": batch.global_num_tokens,
         "global_num_seqs": batch.global_num_seqs,
         "dp_size": batch.dp_size,
