@@ -108,12 +108,9 @@ def finish(
         mask = mask & result.keep
         maskf = float_mask(mask, loss_mat.dtype)
         metrics.update(result.metrics)
-    counts = {
-        "global_num_tokens": batch.global_num_tokens,
-        "global_num_seqs": batch.global_num_seqs,
-        "dp_size": batch.dp_size,
-        "norm_length": config.norm_length,
-    }
+    # The global counts count the kept units (see PolicyBatch.counts_for).
+    excluded = config.correction is not None and config.correction.exclude_rejected
+    counts = {**batch.counts_for(mask if excluded else None), "norm_length": config.norm_length}
     if maskf.dtype != loss_mat.dtype:
         maskf = maskf.to(loss_mat.dtype)
     loss = aggregate_finite(loss_mat, mask, maskf, config.aggregation, **counts)
@@ -138,6 +135,7 @@ def finish_sequences(
     for GMPO); a sequence with a rejected token gets weight 0.
     """
     seq_valid = batch.mask.any(dim=-1)
+    counts = batch.counts_for()
     if config.correction is not None:
         result = config.correction(batch)
         log_w = torch.log(result.weights.clamp(min=torch.finfo(result.weights.dtype).tiny))
@@ -145,7 +143,13 @@ def finish_sequences(
         seq_w = torch.where(result.rejected.any(dim=-1), torch.zeros_like(seq_w), seq_w)
         seq_loss = seq_loss * seq_w
         metrics.update(result.metrics)
-    loss = aggregate_sequences(seq_loss, seq_valid, global_num_seqs=batch.global_num_seqs, dp_size=batch.dp_size)
+        if config.correction.exclude_rejected:  # a sequence with a rejected token leaves the mean
+            keep = batch.mask & ~result.rejected.any(dim=-1, keepdim=True)
+            seq_valid = keep.any(dim=-1)
+            counts = batch.counts_for(keep)
+    loss = aggregate_sequences(
+        seq_loss, seq_valid, global_num_seqs=counts["global_num_seqs"], dp_size=counts["dp_size"]
+    )
     metrics["actor/pg_loss"] = loss.detach()
     return LossOutput(loss=loss, metrics=_to_floats(metrics), per_token_loss=None)
 
