@@ -135,7 +135,7 @@ def test_mismatch_kl_metrics():
         ({"weight": "ratio"}, "weight: expected one of"),
         ({"low": None, "high": None}, "at least one bound"),
         ({"low": 3.0, "high": 2.0}, "expected low <= high"),
-        ({"high": -1.0}, "high: a ratio bound must be >= 0"),
+        ({"high": -1.0}, "high: expected a finite number >= 0"),
         ({"high": float("inf")}, "high: expected a finite number"),
         ({"statistic": "k3"}, "statistic: mode='truncate' clamps the ratio itself"),
     ],

@@ -68,6 +68,7 @@ from stable_async._numerics import (
     zero_where_false,
 )
 from stable_async.batch import BatchValidationError, PolicyBatch
+from stable_async.checks import check_number
 from stable_async.diagnostics import fraction
 from stable_async.divergence import _as_compute, _binary_kl_log_space, binary_kl, binary_tv, topk_kl, topk_tv
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
@@ -90,8 +91,9 @@ class DPPOConfig(LossConfig):
         for name in ("delta_low", "delta_high"):
             value = getattr(self, name)
             # +inf is allowed: it switches that side of the trust region off.
-            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name}: expected a number > 0 (math.inf disables this side), got {value!r}")
+            check_number(
+                name, value, low=0.0, low_open=True, finite=False, expected="a number > 0 (math.inf disables this side)"
+            )
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor: expected one of {list(ANCHORS)}, got {self.anchor!r}")
         if self.ratio_cap is not None:
