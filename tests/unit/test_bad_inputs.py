@@ -211,25 +211,51 @@ CLIP = [
     ("dual_clip", NAN, VALUE),
 ]
 PER_LOSS = {
-    "ppo": CLIP
-    + [("ratio_cap", 0, VALUE), ("ratio_cap", NAN, VALUE), ("ratio_cap", True, TYPE)]
-    + [("compile", "yes", TYPE)],
-    "gspo": CLIP + [("compile", 1, TYPE)],
+    "ppo": [
+        *CLIP,
+        ("ratio_cap", 0, VALUE),
+        ("ratio_cap", NAN, VALUE),
+        ("ratio_cap", True, TYPE),
+        ("compile", "yes", TYPE),
+    ],
+    "gspo": [*CLIP, ("compile", 1, TYPE)],
     "gspo_token": CLIP,
-    "decoupled_ppo": CLIP
-    + [("behavior_cap", 1.0, VALUE), ("behavior_cap", True, TYPE), ("behavior_cap", NAN, VALUE)]
-    + [("behavior_cap_mode", "clip", VALUE), ("proximal", "exact", VALUE)],
+    "decoupled_ppo": [
+        *CLIP,
+        ("behavior_cap", 1.0, VALUE),
+        ("behavior_cap", True, TYPE),
+        ("behavior_cap", NAN, VALUE),
+        ("behavior_cap_mode", "clip", VALUE),
+        ("proximal", "exact", VALUE),
+    ],
     "cispo": [("eps_low", -1.0, VALUE), ("eps_high", NAN, VALUE), ("eps_high", True, TYPE)],
     "geo_mean": [("eps_low", INF, VALUE), ("eps_high", "0.4", TYPE)],
     "sapo": [("tau_pos", 0, VALUE), ("tau_neg", NAN, VALUE), ("tau_pos", True, TYPE)],
-    "m2po": [("m2_threshold", NAN, VALUE), ("m2_threshold", -1, VALUE), ("m2_threshold", True, TYPE)]
-    + [("numerator", "current!", VALUE), ("scope", "world", VALUE)],
-    "dppo_binary_tv": [("delta_low", 0, VALUE), ("delta_high", NAN, VALUE), ("delta_low", True, TYPE)]
-    + [("delta_high", "0.1", TYPE), ("anchor", "new", VALUE), ("ratio_cap", -1, VALUE)],
+    "m2po": [
+        ("m2_threshold", NAN, VALUE),
+        ("m2_threshold", -1, VALUE),
+        ("m2_threshold", True, TYPE),
+        ("numerator", "current!", VALUE),
+        ("scope", "world", VALUE),
+    ],
+    "dppo_binary_tv": [
+        ("delta_low", 0, VALUE),
+        ("delta_high", NAN, VALUE),
+        ("delta_low", True, TYPE),
+        ("delta_high", "0.1", TYPE),
+        ("anchor", "new", VALUE),
+        ("ratio_cap", -1, VALUE),
+    ],
     "dppo_topk_kl": [("delta_low", -0.1, VALUE), ("ratio_cap", True, TYPE)],
     "vcpo": [("ratio_cap", 0, VALUE), ("ratio_cap", INF, VALUE), ("anchor", "behavior", VALUE)],
-    "delight": [("eta", 0, VALUE), ("eta", NAN, VALUE), ("eta", True, TYPE), ("level", "batch", VALUE)]
-    + [("surprisal_clip", 0, VALUE), ("surprisal_clip", NAN, VALUE)],
+    "delight": [
+        ("eta", 0, VALUE),
+        ("eta", NAN, VALUE),
+        ("eta", True, TYPE),
+        ("level", "batch", VALUE),
+        ("surprisal_clip", 0, VALUE),
+        ("surprisal_clip", NAN, VALUE),
+    ],
 }
 for loss_name in sa.available_losses():
     for field, bad, error in COMMON + PER_LOSS.get(loss_name, []):
