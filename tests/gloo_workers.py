@@ -19,7 +19,7 @@ LOSS_CASES = [
 ]
 
 
-def _correction(key):
+def correction_for(key):
     """Corrections; the ``_excluded`` ones reject units with ``exclude_rejected=True`` (issue 12, D1)."""
     return {
         None: None,
@@ -85,7 +85,7 @@ def loss_results(rows, distributed, global_counts=None):
         batch = loss_batch(d, theta)
         if distributed if global_counts is None else global_counts:
             batch = batch.with_global_counts()
-        loss = sa.get_loss(name, aggregation=aggregation, correction=_correction(correction))(batch).loss
+        loss = sa.get_loss(name, aggregation=aggregation, correction=correction_for(correction))(batch).loss
         (grad,) = torch.autograd.grad(loss, theta)
         out[(name, aggregation, correction)] = torch.cat([loss.detach().reshape(1), grad])
     log_w = (d["base"] + d["features"] @ theta0) - d["rollout"]
@@ -123,9 +123,7 @@ def step_results(micro_batches, distributed):
     step = sa.StableStep(torch.optim.SGD([param], lr=1.0), acc, rule="linear")
     stats = acc.reduce()
     metrics = step()
-    keys = ("vcpo/ess_ratio", "vcpo/lr_scale", "vcpo/ess", "vcpo/ess_num_seqs", "vcpo/token_ess_ratio")
-    keys += ("vcpo/ess_num_tokens", "vcpo/mismatch_kl", "vcpo/mismatch_k3_kl", "vcpo/log_ratio_max")
-    out = {key: torch.tensor(metrics[key], dtype=torch.float64) for key in (*keys, "vcpo/log_ratio_min")}
+    out = {key: torch.tensor(value, dtype=torch.float64) for key, value in metrics.items()}
     out["token_ess"] = torch.tensor(stats.token.ess, dtype=torch.float64)
     out["param"] = param.detach().clone()
     return out

@@ -54,11 +54,15 @@ def check_dp_size(dp_size: Any) -> int:
 
 
 def check_global_count(name: str, value: Any, local_count: float | None = None) -> float | None:
-    """None, or a global count as a float: a finite integer >= 0, and >= ``local_count`` (the
-    count of this rank alone, which the global one includes)."""
+    """None, or a global count as a float: a finite number >= 0, and >= ``local_count`` (the
+    count of this rank alone, which the global one includes).
+
+    Not required to be an integer: a trainer's normalizer in place of a count, such as TRL's
+    ``num_items_in_batch · GA / steps_per_generation``, can be fractional.
+    """
     if value is None:
         return None
-    count = check_number(name, value, low=0, integer=True, expected="a count >= 0 (a finite integer)")
+    count = check_number(name, value, low=0, expected="a count >= 0 (a finite number)")
     if local_count is not None and count < local_count:
         raise ValueError(
             f"{name}: expected a global count >= the local count {local_count:g} (it includes this rank's), "

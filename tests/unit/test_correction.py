@@ -182,13 +182,13 @@ def test_d1_issue_example_local_equals_global_counts():
 @pytest.mark.parametrize("correction", ["icepop_excluded", "seq_mask_excluded"])
 def test_d1_every_loss_and_aggregation_local_equals_global_counts(correction):
     """D1 for every registered loss × aggregation: one process, with and without with_global_counts()."""
-    from gloo_workers import LOSS_B, _correction, loss_batch, loss_data
+    from gloo_workers import LOSS_B, correction_for, loss_batch, loss_data
 
     data, theta0 = loss_data()
     rows = {k: v[slice(0, LOSS_B)] for k, v in data.items()}
     for name in sa.available_losses():
         for aggregation in sa.AGGREGATION_MODES:
-            loss_fn = sa.get_loss(name, aggregation=aggregation, correction=_correction(correction))
+            loss_fn = sa.get_loss(name, aggregation=aggregation, correction=correction_for(correction))
             results = []
             for counted in (False, True):
                 theta = theta0.clone().requires_grad_(True)
