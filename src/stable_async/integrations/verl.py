@@ -55,7 +55,7 @@ from verl.trainer.ppo import core_algos
 import stable_async as sa
 from stable_async._numerics import sequence_log_ratio
 from stable_async.correction import CorrectionResult, RolloutCorrection
-from stable_async.integrations.verl_plugin import STRICT_ENV, StrictPluginFailure, strict_mode
+from stable_async.integrations.verl_strict import STRICT_ENV, StrictPluginFailure, strict_mode
 
 logger = logging.getLogger("stable_async.integrations.verl")
 
