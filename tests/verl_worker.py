@@ -119,8 +119,8 @@ def actor_config(config: Any, **changes: Any) -> Any:
 def rollout_batch(seed: int, *, mini_batch: int = BATCH, epochs: int = 1, topk: bool = False, model: Any = None):
     """A rollout batch as ``RayPPOTrainer._update_actor`` passes it to ``update_actor`` (no-padding TensorDict).
 
-    Random prompts/responses of random lengths; ``old_log_probs`` around log(1/V) (the untrained model's); ``rollout_log_probs``
-    = old + noise; advantages constant per sequence. ``topk``: ``rollout_topk_ids`` /
+    Random prompts/responses of random lengths; ``old_log_probs`` around log(1/V) (the untrained
+    model's); ``rollout_log_probs`` = old + noise; advantages constant per sequence. ``topk``: ``rollout_topk_ids`` /
     ``rollout_topk_logprobs`` (B, T, K) from ``model`` (the rollout policy), the sampled token
     among the K, and ``distillation_use_topk=True`` so veRL's engine calls the logits processor.
     """
