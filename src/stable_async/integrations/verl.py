@@ -28,9 +28,14 @@ registered ``sa_<name>`` called by veRL's own ``ppo_loss`` the behavior policy �
 ``dppo_tv``). `ppo_loss` (installed with veRL's ``set_loss_fn``) additionally passes
 ``rollout_log_probs`` and the rollout top-K to the loss.
 
-**ESS-scaled LR and GAC** (`StableOptimizer`, `StableAdamW`) through veRL's
-``optim.optimizer_impl`` injection; the ESS reaches the optimizer through `ESS_CHANNEL`, a
-process-local accumulator (see `StepChannel`).
+**ESS-scaled LR and GAC** (`StableOptimizer`, `StableAdamW`, from
+`stable_async.integrations.verl_optim`) through veRL's ``optim.optimizer_impl`` injection; each
+``sa_`` loss call records into the `stable_async.StepAccumulator` of the optimizer whose step is
+open (see `stable_async.integrations.verl_optim`).
+
+**Config checks.** `SAPolicyLossConfig` checks the loss mode and ``sa_kwargs`` when veRL builds
+it; `check_config` (run inside veRL's ``validate_config`` once this module is imported) checks
+those, the optimizer options and rollout correction with a loss that weights by μ.
 
 **Top-K** through `ppo_loss`: veRL's engine calls the loss function a second way, as a
 logits processor ``loss_fn(student_logits=..., data=...)``, when the micro-batch carries
@@ -108,7 +113,7 @@ def _suggest(name: str, known: list[str]) -> str:
 
 
 def check_loss_mode(loss_mode: Any) -> str | None:
-    """The stable-async loss of ``loss_mode`` (``"sa_vcpo"`` → ``"vcpo"``), None for a veRL loss; unknown ``sa_`` names fail."""
+    """The loss of ``loss_mode`` (``"sa_vcpo"`` → ``"vcpo"``); None for a veRL loss; an unknown ``sa_`` name fails."""
     if not isinstance(loss_mode, str):
         raise TypeError(f"{POLICY_LOSS_KEY}.loss_mode: expected a string, got {type(loss_mode).__name__}")
     if not loss_mode.startswith(PREFIX):
@@ -170,7 +175,9 @@ def _sa_policy_loss_config_class() -> type:
         allow_rollout_correction: bool = False
 
         def __post_init__(self) -> None:
-            super().__post_init__()
+            parent = getattr(super(), "__post_init__", None)
+            if parent is not None:
+                parent()
             name = check_loss_mode(self.loss_mode)
             check_sa_kwargs(name, self.sa_kwargs)
             if not isinstance(self.allow_rollout_correction, bool):
@@ -278,23 +285,27 @@ OPTIMIZER_MODULES = ("stable_async.integrations.verl", "stable_async.integration
 OPTIM_KEY = "actor_rollout_ref.actor.optim"
 
 
-def check_rollout_correction(loss_mode: Any, sa_kwargs: Any, rollout_correction: Any, allow: bool = False) -> None:
+def check_rollout_correction(actor: Any, rollout_correction: Any) -> None:
     """Refuse veRL's rollout correction with an ``sa_`` loss that already weights by the rollout policy μ.
 
-    ``algorithm.rollout_correction.rollout_is`` multiplies the loss by veRL's π_old/μ weights and
-    ``bypass_mode=true`` makes veRL's ``old_log_probs`` the rollout log-probs; a loss whose registry
-    entry says ``weights_by_rollout`` (for its configured settings, e.g. VCPO or DPPO anchored at
-    μ, decoupled PPO) corrects for μ itself. Together they correct twice (or anchor twice), unless
-    ``allow`` (``policy_loss.allow_rollout_correction=true``).
+    ``actor`` is ``actor_rollout_ref.actor`` (a DictConfig or veRL's ``ActorConfig``),
+    ``rollout_correction`` is ``algorithm.rollout_correction``. ``rollout_is`` multiplies the loss
+    by veRL's π_old/μ weights, and ``bypass_mode=true`` makes veRL's ``old_log_probs`` the rollout
+    log-probs. A loss whose registry entry says ``weights_by_rollout`` for the settings it runs
+    with (as `resolve_hyperparameters` builds them for a registered ``sa_`` loss: e.g. decoupled
+    PPO, or DPPO / VCPO with ``sa_kwargs`` anchoring them at the rollout policy) corrects for μ
+    itself: together they correct twice, unless ``policy_loss.allow_rollout_correction=true``.
     """
-    name = check_loss_mode(loss_mode)
-    if name is None or rollout_correction is None or allow:
+    policy_loss = _get(actor, "policy_loss")
+    name = check_loss_mode(_get(policy_loss, "loss_mode", "vanilla"))
+    if name is None or rollout_correction is None or bool(_get(policy_loss, ALLOW_KEY, False)):
         return
     bypass = bool(_get(rollout_correction, "bypass_mode", False))
     rollout_is = _get(rollout_correction, "rollout_is", None)
     if not bypass and rollout_is is None:
         return
-    loss = sa.get_loss(name, **check_sa_kwargs(name, sa_kwargs))
+    check_sa_kwargs(name, _get(policy_loss, "sa_kwargs", None))
+    loss = sa.get_loss(name, **resolve_hyperparameters(name, actor))
     if loss.weights_by_rollout:
         which = "bypass_mode=true" if bypass else f"rollout_is={rollout_is}"
         raise ValueError(
@@ -339,9 +350,7 @@ def check_config(config: Any) -> None:
     sa_kwargs = _get(policy_loss, "sa_kwargs", None)
     check_sa_kwargs(name, sa_kwargs)
     check_optimizer(_get(actor, "optim"))
-    algorithm = _get(config, "algorithm")
-    allow = bool(_get(policy_loss, ALLOW_KEY, False))
-    check_rollout_correction(loss_mode, sa_kwargs, _get(algorithm, "rollout_correction"), allow)
+    check_rollout_correction(actor, _get(_get(config, "algorithm"), "rollout_correction"))
 
 
 def install_config_checks() -> bool:
@@ -632,6 +641,11 @@ def ppo_loss(
 
     if model_output is None or data is None:
         raise ValueError("model_output / data: both are required unless called as a logits processor")
+    optimizer = verl_optim.open_step()
+    if optimizer is not None and "update_lr_scheduler" in data.keys():  # noqa: SIM118 (TensorDict)
+        from verl.utils import tensordict_utils as tu
+
+        optimizer.rollout_batch_marker(bool(tu.get_non_tensor_data(data, "update_lr_scheduler", default=False)))
     token = _EXTRAS.set(_extras(model_output, data))
     try:
         return verl_losses.ppo_loss(config, model_output, data, dp_group)
@@ -640,8 +654,8 @@ def ppo_loss(
 
 
 __all__ = [
+    "ALLOW_KEY",
     "CURRENT_TOPK_PREFIX",
-    "ESS_CHANNEL",
     "PREFIX",
     "ROLLOUT_LOGPROBS_KEY",
     "STRICT_ENV",
@@ -652,9 +666,14 @@ __all__ = [
     "SAPolicyLossConfig",  # noqa: F822 (built lazily by the module __getattr__)
     "StableAdamW",
     "StableOptimizer",
-    "StepChannel",
     "StrictPluginFailure",
+    "check_config",
+    "check_loss_mode",
+    "check_optimizer",
+    "check_rollout_correction",
+    "check_sa_kwargs",
     "compute_policy_loss",
+    "install_config_checks",
     "make_policy_loss_fn",
     "ppo_loss",
     "register_all",

@@ -16,10 +16,19 @@ metrics; a model's ``zero_grad`` clears only its own optimizer's records. Not su
 models whose steps interleave (A.zero_grad, B.zero_grad, A's losses, ...): a loss call records into
 the optimizer whose ``zero_grad`` ran last.
 
-**Rollout batches.** `StableOptimizer.new_rollout_batch` tells GAC that the next step starts a
-new rollout batch (see `stable_async.GradientAlignmentControl`); the veRL adapter calls it when
-veRL's last mini-batch of an ``update_actor`` call has stepped (see
-`stable_async.integrations.verl.ppo_loss`).
+**Rollout batches (GAC).** One veRL ``update_actor`` call is one rollout batch, stepped once per
+mini-batch and PPO epoch; GAC must compare each step with the last gradient of the *previous*
+rollout batch, not with another mini-batch of the same one
+(`stable_async.GradientAlignmentControl.new_rollout_batch`). Two ways to say where a batch starts:
+
+* ``gac_rollout_batch_steps=N`` (config only): every N optimizer steps (N = ``ppo_epochs`` × the
+  number of mini-batches per ``update_actor``, fixed in veRL's synchronous trainer);
+* `stable_async.integrations.verl.ppo_loss` (installed with ``set_loss_fn``) reads veRL's own
+  marker: veRL sets ``update_lr_scheduler=True`` on the micro-batches of the last mini-batch of
+  an ``update_actor`` call (it steps the LR scheduler once per call after it), so a new rollout
+  batch starts after that step (`StableOptimizer.rollout_batch_marker`).
+
+Without either, each step is its own rollout batch (GAC compares consecutive steps).
 """
 
 from __future__ import annotations
@@ -99,6 +108,7 @@ OWN_OPTIONS = (
     "gac_strength",
     "gac_memory",
     "gac_kwargs",
+    "gac_rollout_batch_steps",
 )
 """The options `StableOptimizer` reads itself; any other key goes to the inner optimizer."""
 
@@ -117,6 +127,19 @@ def check_inner_options(inner_cls: type, options: Mapping[str, Any], owner: str 
                 f"{key}: not an option of {owner} (its options: {', '.join(OWN_OPTIONS)}) nor of "
                 f"{inner_cls.__module__}.{inner_cls.__qualname__} ({', '.join(sorted(accepted))}){hint}"
             )
+
+
+def _renamed(exc: Exception, keys: Mapping[str, str]) -> Exception:
+    """``exc`` with its message led by our option name: the core names its own argument (``threshold``)."""
+    message = str(exc)
+    for prefix in ("GradientAlignmentControl: ", "ESSScaledLR: "):
+        message = message.removeprefix(prefix)
+    head = message.replace(":", " ").split()[0] if message.strip() else ""
+    key = keys.get(head)
+    if key is None:
+        return type(exc)(message)
+    rest = message[len(head) :].lstrip(": ")
+    return type(exc)(f"{key}: {rest}")
 
 
 class StableOptimizer(sa.ESSScaledLR):
@@ -142,6 +165,8 @@ class StableOptimizer(sa.ESSScaledLR):
         gac: None (off, default) or a GAC mode: ``"project"``, ``"skip"``, ``"monitor"``.
         gac_threshold, gac_strength, gac_memory: GAC's ``threshold``, ``strength``, ``memory``.
         gac_kwargs: further `GradientAlignmentControl` keyword arguments (e.g. ``adaptive``).
+        gac_rollout_batch_steps: optimizer steps per rollout batch (None: told by `ppo_loss`, or
+            each step its own batch; see the module docstring).
     """
 
     _owner = "StableOptimizer"
@@ -162,6 +187,7 @@ class StableOptimizer(sa.ESSScaledLR):
         gac_strength: float = 1.0,
         gac_memory: str = "full",
         gac_kwargs: Mapping[str, Any] | None = None,
+        gac_rollout_batch_steps: int | None = None,
         **inner_kwargs: Any,
     ) -> None:
         params = list(params)
@@ -174,7 +200,7 @@ class StableOptimizer(sa.ESSScaledLR):
         try:
             super().__init__(optimizer, **ess)
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"ess_{str(exc)}" if str(exc).split(":")[0] in ess else str(exc)) from exc
+            raise _renamed(exc, {k: f"ess_{k}" for k in ess}) from exc
         self.gac: sa.GradientAlignmentControl | None = None
         if gac is not None:
             extra = _plain(gac_kwargs) or {}
@@ -185,9 +211,17 @@ class StableOptimizer(sa.ESSScaledLR):
             try:
                 self.gac = sa.GradientAlignmentControl(tensors, **settings, **dict(extra))
             except (TypeError, ValueError) as exc:
-                name = str(exc).split(":")[0]
-                key = "gac" if name == "mode" else f"gac_{name}" if name in settings else f"gac_kwargs.{name}"
-                raise type(exc)(f"{key}: {str(exc).partition(':')[2].strip() or exc}") from exc
+                keys = {"mode": "gac", **{k: f"gac_{k}" for k in settings if k != "mode"}}
+                raise _renamed(exc, {**{k: f"gac_kwargs.{k}" for k in extra}, **keys}) from exc
+        steps = gac_rollout_batch_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"gac_rollout_batch_steps: expected an integer >= 1 or None, got {steps!r}")
+        self.gac_rollout_batch_steps = steps
+        self._steps_in_batch = 0
+        self._batch_ends_after_step = False
+        self._by_rollout_batch = False
+        if steps is not None:
+            self.new_rollout_batch()
         self.accumulator = sa.StepAccumulator()
         self.stable_step = sa.StableStep(self, self.accumulator, gac=self.gac, ess_lr=ess_lr)
         self.ess_lr = self.stable_step.ess_lr
@@ -207,8 +241,22 @@ class StableOptimizer(sa.ESSScaledLR):
 
     def new_rollout_batch(self) -> None:
         """The next step starts a new rollout batch: GAC compares it with the previous batch's last gradient."""
+        self._steps_in_batch = 0
+        self._by_rollout_batch = True
         if self.gac is not None:
             self.gac.new_rollout_batch()
+
+    def rollout_batch_marker(self, last_mini_batch: bool) -> None:
+        """From a micro-batch of this step: whether it belongs to the last mini-batch of its rollout batch.
+
+        The first marker starts rollout-batch mode (the current step opens a batch); after a step
+        marked ``last_mini_batch`` the next step starts a new batch.
+        """
+        if self.gac is None or self.gac_rollout_batch_steps is not None:
+            return
+        if not self._by_rollout_batch:
+            self.new_rollout_batch()
+        self._batch_ends_after_step = self._batch_ends_after_step or bool(last_mini_batch)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """GAC (if on), then one inner step at the ESS-scaled LR (if on); metrics in ``last_metrics``."""
@@ -219,6 +267,11 @@ class StableOptimizer(sa.ESSScaledLR):
             if open_step() is self:
                 _OPEN_STEP = None
         self.last_metrics = metrics
+        self._steps_in_batch += 1
+        every = self.gac_rollout_batch_steps
+        if self._batch_ends_after_step or (every is not None and self._steps_in_batch >= every):
+            self._batch_ends_after_step = False
+            self.new_rollout_batch()
         return self.stable_step.last_result
 
     @property
