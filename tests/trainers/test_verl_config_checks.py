@@ -47,65 +47,70 @@ def validate(overrides: list[str]) -> None:
     validate_config(compose(overrides), use_reference_policy=False, use_critic=False)
 
 
+PL = "actor_rollout_ref.actor.policy_loss"
+OPT = "actor_rollout_ref.actor.optim.override_optimizer_config="
+
+
+def loss(mode: str, sa_kwargs: str | None = None) -> list[str]:
+    """``loss_mode=mode`` (+ our config class and ``sa_kwargs`` when given)."""
+    return [f"{PL}.loss_mode={mode}", *([TARGET, f"+{PL}.sa_kwargs={sa_kwargs}"] if sa_kwargs else [])]
+
+
+def adamw(options: str) -> list[str]:
+    return [*STABLE_ADAMW, OPT + options]
+
+
+BYPASS = "algorithm.rollout_correction.bypass_mode=true"
+SEQ_IS = "algorithm.rollout_correction.rollout_is=sequence"
+ALLOW = [TARGET, f"+{PL}.allow_rollout_correction=true"]
+
 # (bad overrides, the key the message must name, a good variant of the same overrides)
 CASES = {
     "unknown sa_ loss": (
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpoo"],
-        r"policy_loss\.loss_mode: 'sa_vcpoo' is not a stable-async loss; did you mean 'sa_vcpo'",
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo"],
+        loss("sa_vcpoo"), r"policy_loss\.loss_mode: 'sa_vcpoo' is not a stable-async loss; did you mean 'sa_vcpo'",
+        loss("sa_vcpo"),
     ),
     "unknown sa_kwargs key": (
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={ratio_cap:8.0,bogus:1}"],
-        r"policy_loss\.sa_kwargs\.bogus: not a hyperparameter of sa_vcpo",
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={ratio_cap:8.0}"],
+        loss("sa_vcpo", "{ratio_cap:8.0,bogus:1}"), r"policy_loss\.sa_kwargs\.bogus: not a hyperparameter of sa_vcpo",
+        loss("sa_vcpo", "{ratio_cap:8.0}"),
     ),
     "bad sa_kwargs value": (
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={ratio_cap:-1.0}"],
-        r"policy_loss\.sa_kwargs\.ratio_cap: expected a finite number > 0",
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={ratio_cap:1.0}"],
+        loss("sa_vcpo", "{ratio_cap:-1.0}"), r"policy_loss\.sa_kwargs\.ratio_cap: expected a finite number > 0",
+        loss("sa_vcpo", "{ratio_cap:1.0}"),
     ),
     "sa_kwargs with a veRL loss": (
-        [TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={eps_low:0.1}"],
-        r"policy_loss\.sa_kwargs: only read by sa_ loss modes",
-        [TARGET, "actor_rollout_ref.actor.policy_loss.loss_mode=sa_ppo", "+actor_rollout_ref.actor.policy_loss.sa_kwargs={eps_low:0.1}"],
+        [TARGET, f"+{PL}.sa_kwargs={{eps_low:0.1}}"], r"policy_loss\.sa_kwargs: only read by sa_ loss modes",
+        loss("sa_ppo", "{eps_low:0.1}"),
     ),
     "optimizer key typo": (
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_treshold:0.5}"],
+        adamw("{gac:project,gac_treshold:0.5}"),
         r"override_optimizer_config\.gac_treshold: not an option of StableAdamW .*did you mean 'gac_threshold'",
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_threshold:0.5}"],
+        adamw("{gac:project,gac_threshold:0.5}"),
     ),
     "optimizer bad GAC mode": (
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:projct}"],
-        r"override_optimizer_config\.gac: ",
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project}"],
+        adamw("{gac:projct}"), r"override_optimizer_config\.gac: ", adamw("{gac:project}"),
     ),
     "optimizer bad GAC threshold": (
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_threshold:abc}"],
-        r"override_optimizer_config\.gac_threshold: ",
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_threshold:0.3}"],
+        adamw("{gac:project,gac_threshold:abc}"), r"override_optimizer_config\.gac_threshold: ",
+        adamw("{gac:project,gac_threshold:0.3}"),
     ),
     "optimizer bad ESS rule": (
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={ess_rule:cubic}"],
-        r"override_optimizer_config\.ess_rule: ",
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={ess_rule:linear}"],
+        adamw("{ess_rule:cubic}"), r"override_optimizer_config\.ess_rule: ", adamw("{ess_rule:linear}"),
     ),
     "optimizer bad rollout-batch steps": (
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_rollout_batch_steps:0}"],
+        adamw("{gac:project,gac_rollout_batch_steps:0}"),
         r"override_optimizer_config\.gac_rollout_batch_steps: expected an integer >= 1",
-        [*STABLE_ADAMW, "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project,gac_rollout_batch_steps:4}"],
+        adamw("{gac:project,gac_rollout_batch_steps:4}"),
     ),
     "bypass mode with a loss that weights by the rollout policy": (
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_decoupled_ppo", "algorithm.rollout_correction.bypass_mode=true"],
-        r"algorithm\.rollout_correction\.bypass_mode=true: sa_decoupled_ppo already weights by the rollout policy",
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_decoupled_ppo", "algorithm.rollout_correction.bypass_mode=true",
-         TARGET, "+actor_rollout_ref.actor.policy_loss.allow_rollout_correction=true"],
+        [*loss("sa_decoupled_ppo"), BYPASS],
+        r"rollout_correction\.bypass_mode=true: sa_decoupled_ppo already weights by the rollout policy",
+        [*loss("sa_decoupled_ppo"), BYPASS, *ALLOW],
     ),
     "rollout IS with a loss anchored at the rollout policy": (
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={anchor:rollout}",
-         "algorithm.rollout_correction.rollout_is=sequence"],
-        r"algorithm\.rollout_correction\.rollout_is=sequence: sa_vcpo already weights by the rollout policy",
-        ["actor_rollout_ref.actor.policy_loss.loss_mode=sa_vcpo", TARGET, "+actor_rollout_ref.actor.policy_loss.sa_kwargs={anchor:old}",
-         "algorithm.rollout_correction.rollout_is=sequence"],
+        [*loss("sa_vcpo", "{anchor:rollout}"), SEQ_IS],
+        r"rollout_correction\.rollout_is=sequence: sa_vcpo already weights by the rollout policy",
+        [*loss("sa_vcpo", "{anchor:old}"), SEQ_IS],
     ),
 }  # fmt: skip
 
