@@ -215,6 +215,7 @@ class LossSpy:
         from verl.trainer.ppo import core_algos
 
         self.calls: list[tuple[str, float, bool]] = []
+        self.log_weights: list[torch.Tensor] = []  # per training call: λ_i = Σ_t m·(log π_θ − old) per sequence
         self._registry = core_algos.POLICY_LOSS_REGISTRY
         for name, fn in list(self._registry.items()):
             self._registry[name] = self._wrap(name, fn)
@@ -222,8 +223,11 @@ class LossSpy:
     def _wrap(self, name: str, fn: Any) -> Any:
         def spy(*args: Any, **kwargs: Any) -> Any:
             loss, metrics = fn(*args, **kwargs)
-            log_prob = kwargs.get("log_prob", args[1] if len(args) > 1 else None)
-            self.calls.append((name, float(loss.detach()), bool(getattr(log_prob, "requires_grad", False))))
+            log_prob, old, mask = kwargs["log_prob"], kwargs["old_log_prob"], kwargs["response_mask"].bool()
+            self.calls.append((name, float(loss.detach()), bool(log_prob.requires_grad)))
+            if log_prob.requires_grad:
+                lam = ((log_prob.detach() - old) * mask).sum(-1).double()
+                self.log_weights.append(lam[mask.any(-1)])
             return loss, metrics
 
         spy.__dict__.update(fn.__dict__)
@@ -312,7 +316,71 @@ def scenario_losses(model_path: str) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"losses": scenario_losses}
+def scenario_optimizer(model_path: str) -> dict[str, Any]:
+    """StableAdamW (ESS-LR + GAC monitor) and sa_vcpo; 2 optimizer steps per update_actor (mini-batches of 2).
+
+    Update 1 through veRL's own ppo_loss (the config-only path; μ = old_log_probs); updates 2 and
+    3 through stable-async's ppo_loss (set_loss_fn), which passes veRL's rollout-batch marker to
+    GAC. Every optimizer step is observed (gradients as GAC sees them, after veRL's clipping,
+    and the step's metrics) by wrapping the engine optimizer's ``step``.
+    """
+    from functools import partial
+
+    import stable_async as sa
+    from stable_async.integrations import verl as adapter
+
+    options = "{ess_rule:sqrt,gac:monitor,gac_threshold:0.5}"
+    extra = (
+        "actor_rollout_ref.actor.optim.optimizer_impl=stable_async.integrations.verl",
+        "actor_rollout_ref.actor.optim.optimizer=StableAdamW",
+        f"actor_rollout_ref.actor.optim.override_optimizer_config={options}",
+    )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_vcpo", mini_batch=2, extra=extra))
+    timings["build_and_init_model"] = time.perf_counter() - start
+    spy = LossSpy()
+    optimizer = worker.actor.engine.optimizer
+    steps: list[dict[str, Any]] = []
+    grads: list[torch.Tensor] = []
+    inner_step = optimizer.step
+
+    def observed_step(*args: Any, **kwargs: Any) -> Any:
+        grads.append(
+            torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).reshape(-1).double()
+                       for _, p in sorted(worker.actor.engine.module.named_parameters())])
+        )  # fmt: skip
+        result = inner_step(*args, **kwargs)
+        steps.append(dict(optimizer.last_metrics))
+        return result
+
+    optimizer.step = observed_step
+    out: dict[str, Any] = {
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "inner": f"{type(optimizer.optimizer).__module__}.{type(optimizer.optimizer).__name__}",
+        "gac_mode": optimizer.gac.mode if optimizer.gac is not None else None,
+    }
+    worker_metrics = []
+    for update_index in range(3):
+        if update_index == 1:
+            worker.set_loss_fn(partial(adapter.ppo_loss, config=actor_config(config)))
+        m, seconds = update(worker, rollout_batch(update_index, mini_batch=2))
+        timings[f"update_{update_index}"] = seconds
+        worker_metrics.append(sorted(m))
+    log_weights = spy.log_weights[:4]  # update 1: 2 steps × 2 micro-batches (mini-batch 2, micro 2: 1 call each)
+    out["expected_ess_ratio"] = [
+        sa.effective_sample_size(torch.cat(log_weights[i : i + 1])).ess_ratio for i in range(len(log_weights))
+    ]
+    out["calls_per_update"] = len(spy.calls)
+    out["steps"] = steps
+    dot = [[float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for b in grads] for a in grads]
+    out["grad_cosines"] = dot
+    out["worker_metric_keys"] = worker_metrics
+    out["timings"] = timings
+    return out
+
+
+SCENARIOS = {"losses": scenario_losses, "optimizer": scenario_optimizer}
 
 
 def main(argv: list[str]) -> None:

@@ -92,3 +92,35 @@ def test_every_sa_loss_is_what_the_worker_runs(losses_run, name):
 
 def test_the_worker_uses_verls_optimizer_when_not_told_otherwise(losses_run):
     assert losses_run["optimizer"] == "torch.optim.sgd.SGD"
+
+
+# --------------------------------------------------------------------------- StableAdamW in the engine
+@pytest.fixture(scope="module")
+def optimizer_run(model_path, tmp_path_factory):
+    return run_scenario("optimizer", model_path, tmp_path_factory)
+
+
+def test_the_engine_steps_stable_adamw_with_ess_lr(optimizer_run):
+    assert optimizer_run["optimizer"] == "stable_async.integrations.verl_optim.StableAdamW"
+    assert optimizer_run["inner"] == "torch.optim.adamw.AdamW"
+    assert optimizer_run["gac_mode"] == "monitor"
+    steps = optimizer_run["steps"]
+    assert len(steps) == 6  # 3 update_actor calls × 2 mini-batches
+    # Update 1 (veRL's ppo_loss, μ = old_log_probs): the ESS of each step's sequences, and lr·sqrt(ESS/N).
+    for step, expected in zip(steps[:2], optimizer_run["expected_ess_ratio"], strict=False):
+        assert 0 < expected < 1
+        assert step["vcpo/ess_ratio"] == pytest.approx(expected, rel=1e-6)
+        assert step["vcpo/lr_scale"] == pytest.approx(expected**0.5, rel=1e-6)
+    for keys in optimizer_run["worker_metric_keys"]:  # the worker's own output carries our metrics
+        assert {"vcpo/ess_ratio", "vcpo/lr_scale", "vcpo/ess_num_seqs", "gac/grad_norm", "gac/action"} <= set(keys)
+    assert "gac/cos" in optimizer_run["worker_metric_keys"][1]
+
+
+def test_gac_compares_each_mini_batch_with_the_previous_rollout_batch(optimizer_run):
+    """Updates 2 and 3 (stable-async's ppo_loss reads veRL's update_lr_scheduler marker)."""
+    steps, cos = optimizer_run["steps"], optimizer_run["grad_cosines"]
+    assert "gac/cos" not in steps[0]  # nothing to compare with yet
+    assert steps[1]["gac/cos"] == pytest.approx(cos[1][0], rel=1e-5, abs=1e-6)  # no marker: consecutive steps
+    for i, reference in ((2, 1), (3, 1), (4, 3), (5, 3)):  # last gradient of the previous update_actor
+        assert steps[i]["gac/cos"] == pytest.approx(cos[i][reference], rel=1e-5, abs=1e-6)
+    assert abs(cos[3][2] - cos[3][1]) > 1e-3  # the same-batch neighbour would give another value
