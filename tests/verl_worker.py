@@ -291,7 +291,7 @@ def scenario_losses(model_path: str) -> dict[str, Any]:
     losses: dict[str, Any] = {}
     reference_model = None
     for i, name in enumerate(sa.available_losses()):
-        topk = sa.get_loss(name).needs_topk if hasattr(sa.get_loss(name), "needs_topk") else name in adapter.TOPK_LOSSES
+        topk = sa.get_loss(name).needs_topk  # the registry says which losses read the rollout top-K
         changes = {"policy_loss.loss_mode": f"{adapter.PREFIX}{name}"}
         loss_fn = adapter.ppo_loss if topk else verl_ppo_loss
         worker.set_loss_fn(partial(loss_fn, config=actor_config(config, **changes)))

@@ -209,10 +209,9 @@ def register_engines() -> None:
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
     for model_type, engine in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
-        registered = EngineRegistry._engines.get(model_type, {})
-        backends = [b for b in FSDP_BACKENDS if PLATFORM_NAME not in registered.get(b, {})]
-        if backends:
-            EngineRegistry.register(model_type=model_type, backend=backends, device=PLATFORM_NAME)(engine)
+        for backend in FSDP_BACKENDS:
+            with contextlib.suppress(AssertionError):  # veRL asserts a (device, backend) pair is new: registered
+                EngineRegistry.register(model_type=model_type, backend=backend, device=PLATFORM_NAME)(engine)
 
 
 def register(*, engines: bool = True) -> type:
