@@ -60,6 +60,7 @@ import stable_async as sa
 from stable_async.correction import CorrectionResult, RolloutCorrection
 from stable_async.integrations import verl_optim
 from stable_async.integrations.verl_optim import StableAdamW, StableOptimizer
+from stable_async.integrations.verl_optim import to_plain as _plain
 from stable_async.integrations.verl_strict import STRICT_ENV, StrictPluginFailure, strict_mode
 
 logger = logging.getLogger("stable_async.integrations.verl")
@@ -206,18 +207,6 @@ def __getattr__(name: str) -> Any:
             _LAZY[name] = _sa_policy_loss_config_class()
         return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python (dict / list), other values unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with veRL
-        pass
-    return value
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:

@@ -65,7 +65,8 @@ def last_step_metrics() -> dict[str, float]:
     return dict(optimizer.last_metrics) if optimizer is not None else {}
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (dict / list), other values unchanged."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -203,7 +204,7 @@ class StableOptimizer(sa.ESSScaledLR):
             raise _renamed(exc, {k: f"ess_{k}" for k in ess}) from exc
         self.gac: sa.GradientAlignmentControl | None = None
         if gac is not None:
-            extra = _plain(gac_kwargs) or {}
+            extra = to_plain(gac_kwargs) or {}
             if not isinstance(extra, Mapping):
                 raise TypeError(f"gac_kwargs: expected a dict, got {type(extra).__name__}")
             tensors = [p for group in optimizer.param_groups for p in group["params"]]
@@ -334,4 +335,5 @@ __all__ = [
     "last_step_metrics",
     "open_step",
     "record",
+    "to_plain",
 ]
