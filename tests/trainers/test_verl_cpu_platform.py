@@ -11,7 +11,7 @@ import pytest
 
 import stable_async as sa
 
-pytestmark = pytest.mark.trainers
+pytestmark = [pytest.mark.trainers, pytest.mark.timeout(600)]  # a fresh `import verl` in a subprocess
 pytest.importorskip("verl")
 
 from stable_async.integrations import verl_cpu  # noqa: E402

@@ -26,7 +26,8 @@ import pytest
 import stable_async as sa
 from sa_testing import tiny_causal_lm
 
-pytestmark = [pytest.mark.trainers, pytest.mark.slow]
+# One scenario process builds veRL's engine (12-80 s on shared cores): more than the default per-test timeout.
+pytestmark = [pytest.mark.trainers, pytest.mark.slow, pytest.mark.timeout(900)]
 
 pytest.importorskip("verl")
 
