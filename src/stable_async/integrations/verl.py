@@ -620,7 +620,10 @@ def ppo_loss(
       KL loss, metric aggregation unchanged), with these micro-batch keys passed on to the
       ``sa_`` loss for this call: ``rollout_log_probs`` (B, T) → ``rollout_logprobs``;
       ``rollout_topk_ids`` (B, T, K) int and ``rollout_topk_logprobs`` (B, T, K) → ``topk_ids`` /
-      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``.
+      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``. It also
+      passes veRL's ``update_lr_scheduler`` marker (set on the last mini-batch of each
+      ``update_actor`` call) to the open `StableOptimizer`, so GAC compares each step with the
+      previous rollout batch (`StableOptimizer.rollout_batch_marker`).
     * ``loss_fn(student_logits=..., data=...)`` (logits processor; only when the micro-batch has
       ``distillation_use_topk=True``): returns `topk_logits_processor`'s per-token tensors.
     """
