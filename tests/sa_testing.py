@@ -72,10 +72,17 @@ def full_batch_kwargs(generator, B=5, T=7, K=4, dtype=torch.float64, spread=0.3,
     """
     t = random_tensors(generator, B=B, T=T, spread=spread, dtype=dtype)
     if log_ratio_scale is not None:
+        # Log-ratios of ±scale between valid log-probs (<= 0): where a sign is +, the other policy
+        # is scale lower; where it is −, log π_θ itself is scale lower.
         lp = t["logprobs"].detach()
-        sign = lambda: torch.randint(0, 2, (B, T), generator=generator).to(dtype) * 2 - 1  # noqa: E731
-        t["old_logprobs"] = lp + log_ratio_scale * sign()
-        t["rollout_logprobs"] = lp - log_ratio_scale * sign()
+        up = lambda: torch.randint(0, 2, (B, T), generator=generator).bool()  # noqa: E731
+        old_up, rollout_up = up(), up()
+        current = torch.where(old_up, lp, lp - log_ratio_scale)
+        t["logprobs"] = current.clone().requires_grad_(True)
+        t["old_logprobs"] = torch.where(old_up, lp - log_ratio_scale, lp)
+        t["rollout_logprobs"] = torch.where(rollout_up, current - log_ratio_scale, current + log_ratio_scale).clamp(
+            max=-1e-3
+        )
     # Top-K of the rollout policy: K distinct ids in a vocabulary of 3K, with log-probs that sum below 1.
     vocab = 3 * K
     ids = torch.stack([torch.randperm(vocab, generator=generator)[:K] for _ in range(B * T)]).reshape(B, T, K)

@@ -24,9 +24,13 @@ sequence where veRL divides by count + 1e-8 (a relative difference below 1e-8).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from stable_async._numerics import mask_count, masked_sum, weighted_sum
+from stable_async._numerics import count_true, mask_count, masked_sum, weighted_sum
+from stable_async.checks import check_mask, check_number, check_tensor
 
 AGGREGATION_MODES = (
     "token-mean",
@@ -42,6 +46,30 @@ def check_aggregation(mode: str, argument: str = "aggregation") -> str:
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"{argument}: unknown aggregation mode {mode!r}; expected one of {list(AGGREGATION_MODES)}")
     return mode
+
+
+def check_dp_size(dp_size: Any) -> int:
+    """``dp_size`` as an int: an integer >= 1 (``2.0`` is fine; a bool, NaN, 1.5 or 0 are not)."""
+    return int(check_number("dp_size", dp_size, low=1, integer=True, expected="a positive integer"))
+
+
+def check_global_count(name: str, value: Any, local_count: float | None = None) -> float | None:
+    """None, or a global count as a float: a finite integer >= 0, and >= ``local_count`` (the
+    count of this rank alone, which the global one includes)."""
+    if value is None:
+        return None
+    count = check_number(name, value, low=0, integer=True, expected="a count >= 0 (a finite integer)")
+    if local_count is not None and count < local_count:
+        raise ValueError(
+            f"{name}: expected a global count >= the local count {local_count:g} (it includes this rank's), "
+            f"got {value!r}"
+        )
+    return count
+
+
+def check_norm_length(norm_length: Any) -> float | None:
+    """None, or the constant L of ``seq-mean-token-sum-norm``: a finite number > 0."""
+    return None if norm_length is None else check_number("norm_length", norm_length, low=0, low_open=True)
 
 
 def _denominator(
@@ -92,12 +120,21 @@ def aggregate(
         A 0-dim tensor. Zero, with zero gradient, when nothing is valid.
     """
     check_aggregation(mode, "mode")
+    check_tensor("loss_mat", loss_mat, floating=True)
+    check_tensor("mask", mask)
     if loss_mat.dim() != 2 or loss_mat.shape != mask.shape:
         raise ValueError(
             f"loss_mat / mask: expected two (B, T) tensors of the same shape, got "
             f"{tuple(loss_mat.shape)} and {tuple(mask.shape)}"
         )
-    return _aggregate(loss_mat, mask.bool(), None, mode, global_num_tokens, global_num_seqs, dp_size, norm_length)
+    m = check_mask("mask", mask, device=loss_mat.device, what="the device of loss_mat")
+    dp_size = check_dp_size(dp_size)
+    norm_length = check_norm_length(norm_length)
+    if global_num_tokens is not None or global_num_seqs is not None:
+        local = torch.stack([count_true(m), count_true(m.any(dim=-1))]).tolist()
+        global_num_tokens = check_global_count("global_num_tokens", global_num_tokens, local[0])
+        global_num_seqs = check_global_count("global_num_seqs", global_num_seqs, local[1])
+    return _aggregate(loss_mat, m, None, mode, global_num_tokens, global_num_seqs, dp_size, norm_length)
 
 
 def aggregate_finite(
@@ -146,8 +183,8 @@ def _aggregate(
     loss = aggregate_sequences(seq_loss, seq_valid, global_num_seqs=global_num_seqs, dp_size=dp_size)
     if mode == "seq-mean-token-sum-norm":
         length = float(max(loss_mat.shape[-1], 1)) if norm_length is None else float(norm_length)
-        if length <= 0:
-            raise ValueError(f"norm_length: expected a positive length, got {norm_length!r}")
+        if not (math.isfinite(length) and length > 0):
+            raise ValueError(f"norm_length: expected a finite number > 0, got {norm_length!r}")
         loss = loss / length
     return loss
 
@@ -160,7 +197,9 @@ def aggregate_sequences(
     dp_size: int = 1,
 ) -> torch.Tensor:
     """Mean of per-sequence losses over valid sequences, with the same DP convention."""
+    if isinstance(seq_valid, torch.Tensor) and seq_valid.dtype != torch.bool:
+        seq_valid = check_mask("seq_valid", seq_valid)
     total = masked_sum(seq_loss, seq_valid)
-    count = mask_count(seq_valid.bool(), seq_loss.dtype) if global_num_seqs is None else None
+    count = mask_count(seq_valid, seq_loss.dtype) if global_num_seqs is None else None
     loss = _safe_divide(total, _denominator(count, global_num_seqs, dp_size, seq_loss))
     return loss * dp_size if dp_size != 1 else loss

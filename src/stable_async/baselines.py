@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, compute_dtype, masked_sum
+from stable_async.checks import check_flag, check_mask, check_optional_number, check_tensor
 from stable_async.distributed import all_reduce_max, all_reduce_sum
 
 MODES = ("paper", "equal_norm", "reference_code", "grad_norm")
@@ -159,8 +160,8 @@ def min_variance_baseline(
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {list(SCOPES)}, got {scope!r}")
-    if ratio_cap is not None and not (isinstance(ratio_cap, int | float) and 0 < ratio_cap < math.inf):
-        raise ValueError(f"ratio_cap: expected a finite number > 0 or None, got {ratio_cap!r}")
+    check_optional_number("ratio_cap", ratio_cap, low=0, low_open=True)
+    check_flag("length_normalized", length_normalized)
     r = _rewards(rewards)
     n, dtype, device = r.numel(), r.dtype, r.device
     if log_is_weights is not None and is_weights is not None:
@@ -259,11 +260,12 @@ def per_sequence_grad_sq_norms(
     Cost: B backward passes through the shared graph (kept with ``retain_graph``); this is what
     the reference implementation does (micro-batch size 1). For large models use a proxy.
     """
+    check_tensor("logprobs", logprobs, floating=True)
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("params: expected at least one tensor with requires_grad=True")
     if logprobs.dim() == 2:
-        m = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask.bool()
+        m = _mask_like(mask, logprobs, "logprobs")
         seq = masked_sum(logprobs, m, dim=-1)
     elif logprobs.dim() == 1:
         if mask is not None:
@@ -294,18 +296,36 @@ def logit_grad_sq_norms(
         token_ids: (B, T) sampled token ids.
         mask: (B, T) valid tokens (default: all).
     """
+    check_tensor("logits", logits, floating=True)
+    check_tensor("token_ids", token_ids, device=logits.device, what="the device of logits")
     if logits.dim() != 3 or tuple(token_ids.shape) != tuple(logits.shape[:2]):
         raise ValueError(
             f"logits / token_ids: expected (B, T, V) and (B, T), got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
+        )
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids: expected an integer tensor, got dtype {token_ids.dtype}")
+    if token_ids.numel() and not (int(token_ids.min()) >= 0 and int(token_ids.max()) < logits.shape[-1]):
+        raise ValueError(
+            f"token_ids: expected ids in [0, {logits.shape[-1]}) (the vocabulary of logits), "
+            f"got [{int(token_ids.min())}, {int(token_ids.max())}]"
         )
     logp = torch.log_softmax(logits.detach().to(compute_dtype(logits)), dim=-1)
     p_y = torch.exp(logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1))
     sum_p_sq = torch.exp(torch.logsumexp(2.0 * logp, dim=-1))
     per_token = (1.0 - 2.0 * p_y + sum_p_sq).clamp(min=0.0)
-    m = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask.bool()
-    return masked_sum(per_token, m, dim=-1)
+    return masked_sum(per_token, _mask_like(mask, per_token, "token_ids"), dim=-1)
 
 
 def length_grad_sq_norms(mask: torch.Tensor) -> torch.Tensor:
     """Proxy: ‖∇ log π(τ_i)‖² ≈ L_i, the number of valid tokens (B,) (see the module docstring)."""
-    return mask.bool().sum(dim=-1).to(torch.float32)
+    m = check_mask("mask", mask)
+    if m.dim() != 2:
+        raise ValueError(f"mask: expected a (B, T) tensor, got shape {tuple(m.shape)}")
+    return m.sum(dim=-1).to(torch.float32)
+
+
+def _mask_like(mask: torch.Tensor | None, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A (B, T) bool mask shaped like ``like`` (all valid when None), by `stable_async.checks.check_mask`."""
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return check_mask("mask", mask, shape=tuple(like.shape), device=like.device, what=f"like {like_name}")

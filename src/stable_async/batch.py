@@ -32,14 +32,20 @@ summed). `PolicyBatch.with_global_counts` fills the counts with one all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from stable_async._numerics import compute_dtype, count_true, float_mask, weighted_sum
+from stable_async.aggregate import check_dp_size, check_global_count
+from stable_async.checks import check_logprobs, check_mask, check_probability_mass, logprob_tolerance
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOGPROB_FIELDS = ("logprobs", "old_logprobs", "rollout_logprobs")
+_TOPK_FIELDS = ("topk_logprobs", "current_topk_logprobs")
 
 
 class BatchValidationError(ValueError):
@@ -66,22 +72,38 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: st
         raise BatchValidationError(f"{name}: expected shape {expected} ({what}), got {_describe(t)}")
 
 
-def _all_finite(tensors: list[torch.Tensor | None]) -> list[bool]:
-    """Per tensor: True if every value is certainly finite (False: unknown, check position by position).
+def _check_integer(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise BatchValidationError(f"{name}: expected an integer dtype, got {_describe(t)}")
 
-    One reduction per tensor and one host sync for all: a sum is finite only if every term is
-    (any NaN/inf makes it NaN/inf). A finite tensor whose sum overflows reads as False, which
-    only sends it to the exact path. ``None`` entries give True.
+
+def _screen(tensors: list[torch.Tensor | None], mask: torch.Tensor) -> tuple[list[bool], list[float], list[float]]:
+    """One host sync for the fast checks of the float fields and the mask counts.
+
+    Returns, per tensor: True if every value is certainly finite (False: unknown, check position
+    by position; a sum is finite only if every term is, and a finite tensor whose sum overflows
+    only takes the exact path), the largest value over all positions (−inf for None or empty;
+    for a top-K (B, T, K) tensor the largest log Σ_k exp, the log of its probability mass), and
+    the two mask counts [valid tokens, sequences with a valid token].
     """
-    present = [t for t in tensors if t is not None and t.numel()]
-    if not present:
-        return [True] * len(tensors)
-    sums = []
-    for t in present:
+    device = mask.device
+    stats = []
+    for t in tensors:
+        if t is None or not t.numel():
+            stats.append(torch.zeros(2, dtype=torch.float64, device=device))
+            continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        sums.append(t.detach().sum(dtype=acc).to(device=present[0].device, dtype=torch.float64))
-    flags = iter(torch.isfinite(torch.stack(sums)).tolist())
-    return [True if t is None or not t.numel() else bool(next(flags)) for t in tensors]
+        d = t.detach()
+        peak = torch.logsumexp(d.to(acc), dim=-1).amax() if d.dim() == 3 else d.amax().to(acc)
+        stats.append(torch.stack([d.sum(dtype=acc), peak]).to(device=device, dtype=torch.float64))
+    counts = torch.stack([count_true(mask), count_true(mask.any(dim=-1))]).to(torch.float64)
+    values = torch.cat([*stats, counts]).tolist()
+    finite, peaks = [], []
+    for i, t in enumerate(tensors):
+        present = t is not None and t.numel() > 0
+        finite.append(not present or math.isfinite(values[2 * i]))
+        peaks.append(values[2 * i + 1] if present else -math.inf)
+    return finite, peaks, values[2 * len(tensors) :]
 
 
 @dataclass
@@ -97,7 +119,7 @@ class PolicyBatch:
         rewards: (B,) scalar rewards (baselines), or None.
         group_ids: (B,) integer prompt-group ids (baselines), or None.
         versions: (B,) or (B, T) integer policy version that produced each token, or None.
-        current_version: the trainer's policy version; required with ``versions``.
+        current_version: the trainer's policy version (an int); required with ``versions``.
         topk_ids: (B, T, K) integer ids of the rollout policy's top-K tokens, or None.
         topk_logprobs: (B, T, K) log μ at ``topk_ids``, or None.
         current_topk_logprobs: (B, T, K) log π_θ at ``topk_ids`` (carries the gradient), or None.
@@ -105,6 +127,13 @@ class PolicyBatch:
         global_num_seqs: sequences with a valid token in the global minibatch; None = local count.
         dp_size: the factor by which the framework averages gradients across ranks.
         check_finite: raise on NaN/inf at valid positions (default True).
+        process_group: the data-parallel group the global counts were reduced over (set by
+            `with_global_counts`; None: the default group).
+        global_counts_from_mask: True when the global counts are this batch's mask counted over
+            the ranks of ``process_group`` (set by `with_global_counts`); then a correction with
+            ``exclude_rejected=True`` subtracts the units it rejects on every rank (see
+            `counts_for`). False (counts given directly): they are taken as the counts of the
+            units that count, after any rejection.
         dtype: the compute dtype (derived).
     """
 
@@ -124,6 +153,8 @@ class PolicyBatch:
     global_num_seqs: float | None = None
     dp_size: int = 1
     check_finite: bool = True
+    process_group: Any = field(default=None, repr=False, compare=False)
+    global_counts_from_mask: bool = False
     # Derived in __post_init__; not constructor arguments.
     dtype: torch.dtype = field(init=False)
     _maskf: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
@@ -131,130 +162,140 @@ class PolicyBatch:
     _denominators: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        lp = _check_tensor("logprobs", self.logprobs)
-        _check_float("logprobs", lp)
-        if lp.dim() != 2:
-            raise BatchValidationError(f"logprobs: expected a 2-D tensor (B, T), got {_describe(lp)}")
-        B, T = lp.shape
-        device = lp.device
-
-        def same_device(name: str, t: torch.Tensor) -> None:
-            if t.device != device:
-                raise BatchValidationError(
-                    f"{name}: expected device {device} (the device of logprobs), got {_describe(t)}"
-                )
-
-        mask = _check_tensor("mask", self.mask)
-        same_device("mask", mask)
-        _check_shape("mask", mask, (B, T), "same as logprobs")
-        if mask.dtype != torch.bool:
-            if mask.dtype.is_complex:
-                raise BatchValidationError(f"mask: expected bool or 0/1 values, got {_describe(mask)}")
-            nonzero = mask != 0
-            # 0/1 values iff every nonzero entry is 1: two counts instead of a full-size 0-or-1 test.
-            if mask.numel() and int((mask == 1).sum()) != int(nonzero.sum()):
-                raise BatchValidationError("mask: expected bool or 0/1 values, found other values")
-            mask = nonzero
-        self.mask = mask
-
-        adv = _check_tensor("advantages", self.advantages)
-        same_device("advantages", adv)
-        _check_float("advantages", adv)
-        if adv.dim() == 1:
-            _check_shape("advantages", adv, (B,), "one advantage per sequence, or (B, T)")
-            adv = adv.unsqueeze(-1).expand(B, T)
-        elif adv.dim() == 2 and tuple(adv.shape) == (B, 1):
-            adv = adv.expand(B, T)
-        else:
-            _check_shape("advantages", adv, (B, T), "(B,) or (B, T) with B, T from logprobs")
-
-        self.dtype = compute_dtype(lp, adv, self.old_logprobs, self.rollout_logprobs)
-        old = ro = None
-        if self.old_logprobs is not None:
-            old = _check_tensor("old_logprobs", self.old_logprobs)
-            same_device("old_logprobs", old)
-            _check_float("old_logprobs", old)
-            _check_shape("old_logprobs", old, (B, T), "same as logprobs")
-        if self.rollout_logprobs is not None:
-            ro = _check_tensor("rollout_logprobs", self.rollout_logprobs)
-            same_device("rollout_logprobs", ro)
-            _check_float("rollout_logprobs", ro)
-            _check_shape("rollout_logprobs", ro, (B, T), "same as logprobs")
-        # One fused finiteness screen (one host sync) for the (B, T) float fields; only a tensor
-        # that fails it (or needs a cast) takes the exact, per-position path of `_clean`.
-        # ``self.advantages`` is the unexpanded input: the same values, fewer to read.
-        finite = _all_finite([lp, self.advantages, old, ro])
-        self.logprobs = self._clean("logprobs", lp, known_finite=finite[0])
-        self.advantages = self._clean("advantages", adv, known_finite=finite[1])
+        self._validate_flags()
+        B, T = self._validate_logprobs()
+        self._validate_mask(B, T)
+        advantages = self._validate_advantages(B, T)
+        old, rollout = self._validate_policy(B, T, "old_logprobs"), self._validate_policy(B, T, "rollout_logprobs")
+        self._validate_topk_layout(B, T)
+        self.dtype = compute_dtype(self.logprobs, advantages, old, rollout)
+        # One host sync for the fast finiteness / log-prob / mass screens of every float field
+        # and the mask counts; only a tensor that fails a screen (or needs a cast) takes the
+        # exact, per-position path of `_clean`. ``self.advantages`` is the unexpanded input.
+        floats = [self.logprobs, self.advantages, old, rollout]
+        floats += [self._float_or_none(self.topk_logprobs), self._float_or_none(self.current_topk_logprobs)]
+        finite, peaks, (num_tokens, num_seqs) = _screen(floats, self.mask)
+        self._validate_counts(num_tokens, num_seqs)
+        for name, tensor, peak in zip(_LOGPROB_FIELDS, (floats[0], old, rollout), (peaks[0], *peaks[2:4]), strict=True):
+            if tensor is not None and not peak <= logprob_tolerance(tensor.dtype):
+                check_logprobs(name, tensor, self.mask)
+        self.logprobs = self._clean("logprobs", self.logprobs, known_finite=finite[0])
+        self.advantages = self._clean("advantages", advantages, known_finite=finite[1])
         if old is None:
             self.old_logprobs = self.logprobs.detach()
         else:
             self.old_logprobs = self._clean("old_logprobs", old.detach(), known_finite=finite[2])
-        if ro is not None:
-            self.rollout_logprobs = self._clean("rollout_logprobs", ro.detach(), known_finite=finite[3])
-
-        for name in ("rewards", "group_ids"):
-            value = getattr(self, name)
-            if value is None:
+        if rollout is not None:
+            self.rollout_logprobs = self._clean("rollout_logprobs", rollout.detach(), known_finite=finite[3])
+        self._validate_rewards_and_groups(B)
+        self._validate_versions(B, T)
+        for name, known, peak in zip(_TOPK_FIELDS, finite[4:], peaks[4:], strict=True):
+            t = getattr(self, name)
+            if t is None:
                 continue
-            t = _check_tensor(name, value)
-            same_device(name, t)
-            _check_shape(name, t, (B,), "one value per sequence")
-            if name == "rewards":
-                _check_float(name, t)
-                if self.check_finite and t.numel() and not bool(torch.isfinite(t).all()):
-                    raise BatchValidationError("rewards: found NaN/inf")
-                self.rewards = t.detach().to(self.dtype)
-            elif t.dtype.is_floating_point or t.dtype == torch.bool:
-                raise BatchValidationError(f"group_ids: expected an integer dtype, got {_describe(t)}")
-
-        if self.versions is not None:
-            v = _check_tensor("versions", self.versions)
-            same_device("versions", v)
-            if v.dim() == 1:
-                _check_shape("versions", v, (B,), "one version per sequence, or (B, T)")
-                v = v.unsqueeze(-1).expand(B, T)
-            else:
-                _check_shape("versions", v, (B, T), "(B,) or (B, T)")
-            if self.current_version is None:
-                raise BatchValidationError("current_version: required when versions is given")
-            self.versions = v
-        if self.current_version is not None and not isinstance(self.current_version, int):
-            raise BatchValidationError(f"current_version: expected an int, got {type(self.current_version).__name__}")
-
-        self._validate_topk(B, T, same_device)
-
-        if self.dp_size < 1 or int(self.dp_size) != self.dp_size:
-            raise BatchValidationError(f"dp_size: expected a positive integer, got {self.dp_size!r}")
-        for name in ("global_num_tokens", "global_num_seqs"):
-            value = getattr(self, name)
-            if value is not None and float(value) < 0:
-                raise BatchValidationError(f"{name}: expected a count >= 0, got {value!r}")
-
-    def _validate_topk(self, B: int, T: int, same_device: Any) -> None:
-        ids, lps, cur = self.topk_ids, self.topk_logprobs, self.current_topk_logprobs
-        if ids is None and lps is None and cur is None:
-            return
-        if ids is not None:
-            ids = _check_tensor("topk_ids", ids)
-            same_device("topk_ids", ids)
-            if ids.dim() != 3 or tuple(ids.shape[:2]) != (B, T):
-                raise BatchValidationError(f"topk_ids: expected shape ({B}, {T}, K), got {_describe(ids)}")
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise BatchValidationError(f"topk_ids: expected an integer dtype, got {_describe(ids)}")
-        K = None
-        finite = dict(
-            zip(
-                ("topk_logprobs", "current_topk_logprobs"),
-                _all_finite([self._float_or_none(lps), self._float_or_none(cur)]),
+            if not peak <= logprob_tolerance(t.dtype):  # peak: the largest log top-K mass
+                check_logprobs(name, t, self.mask.unsqueeze(-1).expand_as(t))
+                check_probability_mass(name, t, self.mask)
+            cleaned = self._clean(
+                name, t if name == "current_topk_logprobs" else t.detach(), extra_dim=True, known_finite=known
             )
-        )
-        for name in ("topk_ids", "topk_logprobs", "current_topk_logprobs"):
+            setattr(self, name, cleaned)
+
+    # ------------------------------------------------------------------ per-field validators
+    def _validate_flags(self) -> None:
+        for name in ("check_finite", "global_counts_from_mask"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise BatchValidationError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+
+    def _same_device(self, name: str, t: torch.Tensor) -> None:
+        device = self.logprobs.device
+        if t.device != device:
+            raise BatchValidationError(f"{name}: expected device {device} (the device of logprobs), got {_describe(t)}")
+
+    def _validate_logprobs(self) -> tuple[int, int]:
+        lp = _check_tensor("logprobs", self.logprobs)
+        if lp.is_meta:  # every other field must be on the device of logprobs, so this covers them
+            raise BatchValidationError(f"logprobs: expected a tensor with data, got a meta tensor ({_describe(lp)})")
+        _check_float("logprobs", lp)
+        if lp.dim() != 2:
+            raise BatchValidationError(f"logprobs: expected a 2-D tensor (B, T), got {_describe(lp)}")
+        B, T = lp.shape
+        return int(B), int(T)
+
+    def _validate_mask(self, B: int, T: int) -> None:
+        mask = _check_tensor("mask", self.mask)
+        self._same_device("mask", mask)
+        _check_shape("mask", mask, (B, T), "same as logprobs")
+        try:
+            self.mask = check_mask("mask", mask)
+        except ValueError as exc:  # the same rule as everywhere, raised as a batch error
+            raise BatchValidationError(str(exc)) from None
+
+    def _validate_advantages(self, B: int, T: int) -> torch.Tensor:
+        adv = _check_tensor("advantages", self.advantages)
+        self._same_device("advantages", adv)
+        _check_float("advantages", adv)
+        if adv.dim() == 1:
+            _check_shape("advantages", adv, (B,), "one advantage per sequence, or (B, T)")
+            return adv.unsqueeze(-1).expand(B, T)
+        if adv.dim() == 2 and tuple(adv.shape) == (B, 1):
+            return adv.expand(B, T)
+        _check_shape("advantages", adv, (B, T), "(B,) or (B, T) with B, T from logprobs")
+        return adv
+
+    def _validate_policy(self, B: int, T: int, name: str) -> torch.Tensor | None:
+        value = getattr(self, name)
+        if value is None:
+            return None
+        t = _check_tensor(name, value)
+        self._same_device(name, t)
+        _check_float(name, t)
+        _check_shape(name, t, (B, T), "same as logprobs")
+        return t
+
+    def _validate_rewards_and_groups(self, B: int) -> None:
+        if self.rewards is not None:
+            t = _check_tensor("rewards", self.rewards)
+            self._same_device("rewards", t)
+            _check_shape("rewards", t, (B,), "one value per sequence")
+            _check_float("rewards", t)
+            if self.check_finite and t.numel() and not bool(torch.isfinite(t).all()):
+                raise BatchValidationError("rewards: found NaN/inf")
+            self.rewards = t.detach().to(self.dtype)
+        if self.group_ids is not None:
+            t = _check_tensor("group_ids", self.group_ids)
+            self._same_device("group_ids", t)
+            _check_shape("group_ids", t, (B,), "one value per sequence")
+            _check_integer("group_ids", t)
+
+    def _validate_versions(self, B: int, T: int) -> None:
+        current = self.current_version
+        if current is not None and (isinstance(current, bool) or not isinstance(current, numbers.Integral)):
+            raise BatchValidationError(f"current_version: expected an int, got {type(current).__name__} {current!r}")
+        if self.versions is None:
+            return
+        v = _check_tensor("versions", self.versions)
+        self._same_device("versions", v)
+        _check_integer("versions", v)
+        if v.dim() == 1:
+            _check_shape("versions", v, (B,), "one version per sequence, or (B, T)")
+            v = v.unsqueeze(-1).expand(B, T)
+        else:
+            _check_shape("versions", v, (B, T), "(B,) or (B, T)")
+        if current is None:
+            raise BatchValidationError("current_version: required when versions is given")
+        self.versions = v
+
+    def _validate_topk_layout(self, B: int, T: int) -> None:
+        """Shapes, dtypes and devices of the top-K fields (values: `_screen` and `_clean`)."""
+        K = None
+        for name in ("topk_ids", *_TOPK_FIELDS):
             t = getattr(self, name)
             if t is None:
                 continue
             t = _check_tensor(name, t)
-            same_device(name, t)
+            self._same_device(name, t)
             if t.dim() != 3 or tuple(t.shape[:2]) != (B, T):
                 raise BatchValidationError(f"{name}: expected shape ({B}, {T}, K), got {_describe(t)}")
             if K is None:
@@ -263,15 +304,23 @@ class PolicyBatch:
                 raise BatchValidationError(
                     f"{name}: expected K={K} entries like the other top-K fields, got {_describe(t)}"
                 )
-            if name != "topk_ids":
+            if name == "topk_ids":
+                _check_integer(name, t)
+                if t.numel() and bool((t < 0).any()):
+                    raise BatchValidationError(f"topk_ids: expected token ids >= 0, got {int(t.min())}")
+            else:
                 _check_float(name, t)
-                cleaned = self._clean(
-                    name,
-                    t if name == "current_topk_logprobs" else t.detach(),
-                    extra_dim=True,
-                    known_finite=finite[name],
-                )
-                setattr(self, name, cleaned)
+
+    def _validate_counts(self, num_tokens: float, num_seqs: float) -> None:
+        """dp_size a positive int; each global count a finite integer >= the local count."""
+        try:
+            self.dp_size = check_dp_size(self.dp_size)
+            self.global_num_tokens = check_global_count("global_num_tokens", self.global_num_tokens, num_tokens)
+            self.global_num_seqs = check_global_count("global_num_seqs", self.global_num_seqs, num_seqs)
+        except ValueError as exc:  # TypeErrors (a bool, a str) stay TypeErrors
+            if isinstance(exc, TypeError):
+                raise
+            raise BatchValidationError(str(exc)) from None
 
     @staticmethod
     def _float_or_none(t: Any) -> torch.Tensor | None:
@@ -289,7 +338,7 @@ class PolicyBatch:
         if not t.numel():
             return t.to(self.dtype)
         if known_finite is None:
-            known_finite = _all_finite([t])[0]
+            known_finite = bool(torch.isfinite(t.detach().sum(dtype=torch.float64)))
         if known_finite and t.dtype == self.dtype:
             return t
         valid = self.mask.unsqueeze(-1).expand_as(t) if extra_dim else self.mask
@@ -369,7 +418,10 @@ class PolicyBatch:
     def with_global_counts(self, process_group: Any = None) -> PolicyBatch:
         """Fill ``global_num_tokens`` / ``global_num_seqs`` / ``dp_size`` with one all-reduce.
 
-        Without an initialized process group this is the local counts and ``dp_size=1``.
+        Without an initialized process group this is the local counts and ``dp_size=1``. The
+        result remembers ``process_group`` and that its counts are of its mask
+        (``global_counts_from_mask=True``), so a correction with ``exclude_rejected=True`` can
+        remove what it rejects on every rank from them (`counts_for`).
         """
         from stable_async.distributed import all_reduce_sum, world_size
 
@@ -379,4 +431,39 @@ class PolicyBatch:
             global_num_tokens=float(counts[0]),
             global_num_seqs=float(counts[1]),
             dp_size=world_size(process_group),
+            process_group=process_group,
+            global_counts_from_mask=True,
         )
+
+    def counts_for(self, keep: torch.Tensor | None = None) -> dict[str, Any]:
+        """The aggregation counts (``global_num_tokens``, ``global_num_seqs``, ``dp_size``) for a
+        loss aggregated over ``keep`` ⊆ ``mask`` (the mask after a correction's rejection).
+
+        The global counts count the units that count. For a batch from `with_global_counts`
+        (counts of its mask over the ranks of ``process_group``) and a ``keep`` smaller than the
+        mask, the units removed on every rank are subtracted: one sum-all-reduce of two numbers
+        over that group (none without a process group), so one process, one process with
+        `with_global_counts` and N ranks give the same loss and gradients. Counts given directly
+        are used as given: pass the counts after rejection (veRL's rejection sampling edits the
+        response mask before counting, so its counts already are).
+        """
+        counts = {
+            "global_num_tokens": self.global_num_tokens,
+            "global_num_seqs": self.global_num_seqs,
+            "dp_size": self.dp_size,
+        }
+        if keep is None or keep is self.mask or not self.global_counts_from_mask:
+            return counts
+        if self.global_num_tokens is None and self.global_num_seqs is None:
+            return counts
+        from stable_async.distributed import all_reduce_sum
+
+        removed = torch.stack(
+            [count_true(self.mask) - count_true(keep), count_true(self.mask.any(-1)) - count_true(keep.any(-1))]
+        )
+        tokens, seqs = all_reduce_sum(removed.to(torch.float64), self.process_group).tolist()
+        if self.global_num_tokens is not None:
+            counts["global_num_tokens"] = self.global_num_tokens - tokens
+        if self.global_num_seqs is not None:
+            counts["global_num_seqs"] = self.global_num_seqs - seqs
+        return counts

@@ -21,11 +21,17 @@ from typing import Any
 
 import torch
 
-LOGPROB_TOLERANCE = 1e-4
-"""A log-probability may exceed 0 by at most this much (fp32/bf16 log-softmax rounding)."""
+LOGPROB_TOLERANCE = 1e-3
+"""How far above 0 a log-probability given in fp32/fp64 may be (rounding of a log-softmax)."""
 
-PROBABILITY_MASS_TOLERANCE = 1e-3
-"""A top-K probability mass Σ_k exp(log p_k) may exceed 1 by at most this much."""
+LOW_PRECISION_LOGPROB_TOLERANCE = 0.125
+"""The same for fp16/bf16 input: one bf16 step at 16–32, as far as a bf16 log-softmax may round."""
+
+
+def logprob_tolerance(dtype: torch.dtype) -> float:
+    """The tolerance of log p ≤ 0 for log-probs given in ``dtype``; a top-K probability mass may
+    exceed 1 by the same factor, log Σ_k p_k ≤ tolerance."""
+    return LOW_PRECISION_LOGPROB_TOLERANCE if dtype in (torch.float16, torch.bfloat16) else LOGPROB_TOLERANCE
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -52,6 +58,7 @@ def check_number(
     high_open: bool = False,
     integer: bool = False,
     finite: bool = True,
+    expected: str | None = None,
 ) -> float:
     """``value`` as a float after checking it is a real number (not a bool) in the interval.
 
@@ -60,11 +67,12 @@ def check_number(
         low, high: bounds (None: unbounded); ``low_open`` / ``high_open`` exclude them.
         integer: the value must be integral (``3`` or ``3.0``; a Python or NumPy int is fine).
         finite: NaN and ±inf are errors (default). With ``finite=False`` only NaN is.
+        expected: the message's expectation, if not derived from the above.
 
     A one-element tensor is accepted (its value is read with one host sync).
     """
     kind = "an integer" if integer else "a finite number" if finite else "a number"
-    expected = f"{kind}{_interval(low, high, low_open, high_open)}"
+    expected = expected or f"{kind}{_interval(low, high, low_open, high_open)}"
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         if value.dtype == torch.bool:
             raise ArgumentTypeError(f"{name}: expected {expected}, got a bool tensor")
@@ -176,37 +184,41 @@ def check_same_shape(name: str, value: torch.Tensor, other_name: str, other: tor
 
 
 def check_logprobs(name: str, logprobs: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-    """Log-probabilities are ≤ 0 up to `LOGPROB_TOLERANCE` (at ``valid`` positions; NaN is left to
-    the finiteness checks). One host sync."""
+    """Log-probabilities are ≤ `logprob_tolerance` at ``valid`` positions (NaN is left to the
+    finiteness checks). One host sync."""
+    tolerance = logprob_tolerance(logprobs.dtype)
     values = logprobs.detach()
     if valid is not None:
         values = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    if values.numel() and bool((values > LOGPROB_TOLERANCE).any()):
+    if values.numel() and bool((values > tolerance).any()):
         worst = float(values.nan_to_num(nan=0.0).max())
         raise ValueError(
-            f"{name}: expected log-probabilities <= 0 (tolerance {LOGPROB_TOLERANCE:g}), got a value of {worst:.6g}; "
+            f"{name}: expected log-probabilities <= 0 (tolerance {tolerance:g} for {logprobs.dtype}), got {worst:.6g}; "
             "pass log-probs, not logits or probabilities"
         )
 
 
 def check_probability_mass(name: str, logprobs: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-    """Σ_k exp(log p_k) over the last dim is ≤ 1 up to `PROBABILITY_MASS_TOLERANCE` (at ``valid``
-    positions, which index all dims but the last). One host sync."""
-    values = logprobs.detach().to(torch.float64)
+    """The top-K mass Σ_k exp(log p_k) over the last dim is ≤ exp(`logprob_tolerance`) at ``valid``
+    positions (``valid`` indexes all dims but the last). One host sync."""
+    tolerance = logprob_tolerance(logprobs.dtype)
+    values = logprobs.detach().to(torch.float64).nan_to_num(nan=-math.inf)
+    if values.numel() == 0:
+        return
+    mass = torch.logsumexp(values, dim=-1)
     if valid is not None:
-        values = torch.where(valid.unsqueeze(-1), values, torch.full((), -math.inf, dtype=values.dtype))
-    mass = torch.logsumexp(values.nan_to_num(nan=-math.inf), dim=-1) if values.numel() else values.sum(-1)
-    if mass.numel() and bool((mass > math.log1p(PROBABILITY_MASS_TOLERANCE)).any()):
-        worst = math.exp(float(mass.max()))
+        mass = torch.where(valid, mass, torch.full((), -math.inf, dtype=mass.dtype, device=mass.device))
+    if bool((mass > tolerance).any()):
         raise ValueError(
-            f"{name}: expected a top-K probability mass <= 1 (tolerance {PROBABILITY_MASS_TOLERANCE:g}), "
-            f"got {worst:.6g}; the top-K log-probs must be log-softmax values of one distribution"
+            f"{name}: expected a top-K probability mass <= 1 (tolerance: log-mass <= {tolerance:g} for "
+            f"{logprobs.dtype}), got {math.exp(float(mass.max())):.6g}; the top-K log-probs must be log-softmax "
+            "values of one distribution"
         )
 
 
 __all__ = [
     "LOGPROB_TOLERANCE",
-    "PROBABILITY_MASS_TOLERANCE",
+    "LOW_PRECISION_LOGPROB_TOLERANCE",
     "ArgumentTypeError",
     "check_choice",
     "check_flag",
@@ -219,4 +231,5 @@ __all__ = [
     "check_same_shape",
     "check_str",
     "check_tensor",
+    "logprob_tolerance",
 ]

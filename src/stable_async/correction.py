@@ -53,6 +53,7 @@ import torch
 from stable_async import divergence
 from stable_async._numerics import masked_mean, safe_exp, sequence_log_ratio
 from stable_async.batch import PolicyBatch
+from stable_async.checks import check_choice, check_flag, check_number, check_optional_number, check_str
 from stable_async.diagnostics import fraction, mismatch_kl, weight_stats
 
 LEVELS = ("token", "sequence", "geometric")
@@ -79,11 +80,6 @@ class CorrectionResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class RolloutCorrection:
     """Truncated / masked importance weights for rollout mismatch and staleness.
@@ -104,27 +100,21 @@ class RolloutCorrection:
     prefix: str = "rollout_corr/"
 
     def __post_init__(self) -> None:
-        _check_choice("level", self.level, LEVELS)
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("statistic", self.statistic, STATISTICS)
-        _check_choice("numerator", self.numerator, NUMERATORS)
-        _check_choice("weight", self.weight, WEIGHTS)
+        check_choice("level", self.level, LEVELS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("statistic", self.statistic, STATISTICS)
+        check_choice("numerator", self.numerator, NUMERATORS)
+        check_choice("weight", self.weight, WEIGHTS)
+        check_flag("exclude_rejected", self.exclude_rejected)
+        check_str("prefix", self.prefix)
+        low_bound = 0.0 if self.statistic == "ratio" else None  # a ratio bound must be >= 0
         for name in ("low", "high"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a finite number or None, got {value!r}")
+            check_optional_number(name, getattr(self, name), low=low_bound)
         if self.low is None and self.high is None:
             raise ValueError("low / high: at least one bound is required")
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low / high: expected low <= high, got low={self.low}, high={self.high}")
-        if self.statistic == "ratio":
-            for name in ("low", "high"):
-                value = getattr(self, name)
-                if value is not None and value < 0:
-                    raise ValueError(f"{name}: a ratio bound must be >= 0, got {value}")
-        eps = self.divergence_eps
-        if not (isinstance(eps, int | float) and 0.0 <= eps < 0.5):
-            raise ValueError(f"divergence_eps: expected a number in [0, 0.5), got {eps!r}")
+        check_number("divergence_eps", self.divergence_eps, low=0.0, high=0.5, high_open=True)
         if self.mode == "truncate" and self.statistic != "ratio":
             raise ValueError(
                 f"statistic: mode='truncate' clamps the ratio itself; got statistic={self.statistic!r} "

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from stable_async._numerics import compute_dtype, count_true, masked_max, masked_mean, masked_min, masked_sum
+from stable_async.checks import check_choice, check_mask, check_optional_number, check_str, check_tensor
 from stable_async.distributed import all_reduce_max, all_reduce_sum
 
 
@@ -55,6 +56,7 @@ class ESSResult:
     n: float
 
     def metrics(self, prefix: str = "rollout_corr/") -> dict[str, float]:
+        check_str("prefix", prefix)
         return {f"{prefix}ess": self.ess, f"{prefix}ess_ratio": self.ess_ratio}
 
 
@@ -75,28 +77,27 @@ def effective_sample_size(
             sequences without a valid token are left out. ``"token"``: one weight per valid token.
         process_group: reduce over this data-parallel group (default: the default group if
             initialized); one max-all-reduce of one number and one sum-all-reduce of three (S1, S2, N).
-        max_log_weight: optional clip of the log-weights from above (the "clipped" variant).
+        max_log_weight: optional clip of the log-weights from above (the "clipped" variant); a
+            finite number.
+
+    Raises:
+        ValueError / TypeError naming the argument: a mask that is not bool or 0/1, of another
+            shape or device; NaN/inf log-weights at valid positions; a non-finite ``max_log_weight``.
     """
-    if level not in ("sequence", "token"):
-        raise ValueError(f"level: expected 'sequence' or 'token', got {level!r}")
-    if not isinstance(log_weights, torch.Tensor) or not log_weights.dtype.is_floating_point:
-        raise TypeError("log_weights: expected a floating torch.Tensor")
+    check_choice("level", level, ("sequence", "token"))
+    check_tensor("log_weights", log_weights, floating=True)
+    max_log_weight = check_optional_number("max_log_weight", max_log_weight)
     lw = log_weights.detach().to(compute_dtype(log_weights))
-    if lw.dim() == 1:
-        valid = torch.ones_like(lw, dtype=torch.bool) if mask is None else mask.bool()
-        if valid.shape != lw.shape:
-            raise ValueError(f"mask: expected shape {tuple(lw.shape)}, got {tuple(valid.shape)}")
-        flat, keep = lw, valid
-    elif lw.dim() == 2:
-        m = torch.ones_like(lw, dtype=torch.bool) if mask is None else mask.bool()
-        if m.shape != lw.shape:
-            raise ValueError(f"mask: expected shape {tuple(lw.shape)} like log_weights, got {tuple(m.shape)}")
-        if level == "sequence":
-            flat, keep = masked_sum(lw, m, dim=-1), m.any(dim=-1)
-        else:
-            flat, keep = lw.reshape(-1), m.reshape(-1)
-    else:
+    if lw.dim() not in (1, 2):
         raise ValueError(f"log_weights: expected a (B, T) or (N,) tensor, got shape {tuple(lw.shape)}")
+    if mask is None:
+        m = torch.ones_like(lw, dtype=torch.bool)
+    else:
+        m = check_mask("mask", mask, shape=tuple(lw.shape), device=lw.device, what="like log_weights")
+    if lw.dim() == 2 and level == "sequence":
+        flat, keep = masked_sum(lw, m, dim=-1), m.any(dim=-1)
+    else:
+        flat, keep = lw.reshape(-1), m.reshape(-1)
     if keep.any() and not bool(torch.isfinite(flat[keep]).all()):
         raise ValueError("log_weights: NaN/inf at a valid position")
     if max_log_weight is not None:

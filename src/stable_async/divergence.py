@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, compute_dtype
+from stable_async.checks import check_int, check_number, check_tensor
 
 
 def _as_compute(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -64,7 +65,12 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
     1 − p, 1 − q from ``expm1``: in fp64 the error stays below 1e-12 of the value plus 1e-15 of
     q·|log q − log p|, even for p ≈ q or p, q near 1 (tests/unit/test_dppo.py checks it against an
     80-digit evaluation); infinite only where p = 1 > q.
+
+    ``eps`` must lie in [0, 0.5): the interval [eps, 1 − eps] is empty above 0.5, and at 0.5 it
+    is the single point ½, which makes the KL identically 0 (``eps=0.7`` used to return 0 where
+    the true value is 2.04).
     """
+    eps = check_number("eps", eps, low=0.0, high=0.5, high_open=True)
     lp, lq = _as_compute(logprobs, rollout_logprobs)
     if eps > 0:
         lo, hi = torch.log(torch.tensor(eps, dtype=lp.dtype)), torch.log1p(torch.tensor(-eps, dtype=lp.dtype))
@@ -122,6 +128,14 @@ def _topk_masses(topk_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _check_topk_pair(current: torch.Tensor, rollout: torch.Tensor) -> None:
+    check_tensor("current_topk_logprobs", current, floating=True)
+    check_tensor(
+        "rollout_topk_logprobs",
+        rollout,
+        floating=True,
+        device=current.device,
+        what="the device of current_topk_logprobs",
+    )
     if current.shape != rollout.shape or current.dim() < 1:
         raise ValueError(
             "current_topk_logprobs, rollout_topk_logprobs: expected the same shape (..., K), got "
@@ -219,6 +233,8 @@ def gather_topk_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, chunk_row
     ``logits`` (this is the current policy); the backward allocates only the logits' gradient.
     Not twice differentiable.
     """
+    check_tensor("logits", logits)
+    check_tensor("topk_ids", topk_ids, device=logits.device, what="the device of logits")
     if logits.dim() < 1 or topk_ids.dim() != logits.dim() or topk_ids.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"topk_ids: expected shape (..., K) with the leading dimensions of logits {tuple(logits.shape)}, "
@@ -229,10 +245,15 @@ def gather_topk_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, chunk_row
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits: expected a floating dtype, got {logits.dtype}")
     vocab = logits.shape[-1]
+    if topk_ids.numel() and not (int(topk_ids.min()) >= 0 and int(topk_ids.max()) < vocab):
+        raise ValueError(
+            f"topk_ids: expected token ids in [0, {vocab}) (the vocabulary size of logits), "
+            f"got values in [{int(topk_ids.min())}, {int(topk_ids.max())}]"
+        )
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    elif not (isinstance(chunk_rows, int) and chunk_rows > 0):
-        raise ValueError(f"chunk_rows: expected a positive int, got {chunk_rows!r}")
+    else:
+        chunk_rows = check_int("chunk_rows", chunk_rows, low=1)
     ids = topk_ids.long()
     if logits.dim() > 2:
         try:  # one flat (tokens, V) view when the layout allows it: fewer, larger blocks

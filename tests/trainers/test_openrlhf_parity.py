@@ -217,8 +217,10 @@ def wide_inputs(seed: int) -> dict:
     t = inputs(seed, empty_row=True)
     B = t["mask"].shape[0]
     shift = torch.tensor([1.5, -1.5, 0.0] * B, dtype=torch.float64)[:B].unsqueeze(-1)
-    t["old_logprobs"] = t["old_logprobs"] - shift
-    t["rollout_logprobs"] = t["rollout_logprobs"] - shift
+    # log π − log π_old moves by +shift; the lower side moves down, so every log-prob stays <= 0.
+    t["old_logprobs"] = t["old_logprobs"] - shift.clamp(min=0)
+    t["rollout_logprobs"] = t["rollout_logprobs"] - shift.clamp(min=0)
+    t["logprobs"] = (t["logprobs"].detach() + shift.clamp(max=0)).requires_grad_(True)
     return t
 
 

@@ -135,7 +135,7 @@ def test_mismatch_kl_metrics():
         ({"weight": "ratio"}, "weight: expected one of"),
         ({"low": None, "high": None}, "at least one bound"),
         ({"low": 3.0, "high": 2.0}, "expected low <= high"),
-        ({"high": -1.0}, "high: a ratio bound must be >= 0"),
+        ({"high": -1.0}, "high: expected a finite number >= 0"),
         ({"high": float("inf")}, "high: expected a finite number"),
         ({"statistic": "k3"}, "statistic: mode='truncate' clamps the ratio itself"),
     ],
@@ -149,3 +149,58 @@ def test_missing_rollout_logprobs():
     batch = sa.PolicyBatch(logprobs=-torch.rand(1, 2), advantages=torch.ones(1), mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="rollout_logprobs: RolloutCorrection needs"):
         sa.RolloutCorrection()(batch)
+
+
+# ---------------------------------------------------------------------- D1: exclude_rejected with global counts
+def test_d1_exclude_rejected_hand_computed_with_global_counts():
+    """D1: with_global_counts() counted the tokens before rejection, so exclude_rejected switched off.
+
+    icepop(low=0.6, high=3.5) rejects tokens (0, 1) and (0, 2) of BATCH; REINFORCE with A = 1 has
+    per-token loss −log π: the token mean over the 3 kept tokens is (−log 0.4 − log 0.3 − log 0.6) / 3.
+    """
+    correction = sa.icepop(low=0.6, high=3.5, weight="none", exclude_rejected=True)
+    expected = -(LOG(0.4) + LOG(0.3) + LOG(0.6)) / 3
+    loss_fn = sa.get_loss("reinforce", correction=correction)
+    assert loss_fn(BATCH).loss.item() == pytest.approx(expected, rel=1e-14)
+    assert loss_fn(BATCH.with_global_counts()).loss.item() == pytest.approx(expected, rel=1e-14)
+
+
+def test_d1_issue_example_local_equals_global_counts():
+    """D1, the issue's case: ppo + icepop(0.8, 1.25, exclude_rejected=True) gave −0.396 locally and
+    −0.277 (the exclude_rejected=False value) with with_global_counts()."""
+    from gloo_workers import LOSS_B, loss_batch, loss_data
+
+    data, theta = loss_data()
+    batch = loss_batch({k: v[slice(0, LOSS_B)] for k, v in data.items()}, theta)
+    on = sa.get_loss("ppo", correction=sa.icepop(low=0.8, high=1.25, exclude_rejected=True))
+    off = sa.get_loss("ppo", correction=sa.icepop(low=0.8, high=1.25))
+    local, counted = on(batch).loss.item(), on(batch.with_global_counts()).loss.item()
+    assert counted == pytest.approx(local, rel=1e-12)
+    assert abs(local - off(batch).loss.item()) > 1e-3  # the exclusion changes the loss here
+
+
+@pytest.mark.parametrize("correction", ["icepop_excluded", "seq_mask_excluded"])
+def test_d1_every_loss_and_aggregation_local_equals_global_counts(correction):
+    """D1 for every registered loss × aggregation: one process, with and without with_global_counts()."""
+    from gloo_workers import LOSS_B, _correction, loss_batch, loss_data
+
+    data, theta0 = loss_data()
+    rows = {k: v[slice(0, LOSS_B)] for k, v in data.items()}
+    for name in sa.available_losses():
+        for aggregation in sa.AGGREGATION_MODES:
+            loss_fn = sa.get_loss(name, aggregation=aggregation, correction=_correction(correction))
+            results = []
+            for counted in (False, True):
+                theta = theta0.clone().requires_grad_(True)
+                batch = loss_batch(rows, theta)
+                loss = loss_fn(batch.with_global_counts() if counted else batch).loss
+                results.append(torch.cat([loss.detach().reshape(1), torch.autograd.grad(loss, theta)[0]]))
+            torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14, msg=f"{name} {aggregation}")
+
+
+def test_d1_directly_given_counts_are_taken_as_kept_counts():
+    """Counts given directly (a trainer's) are the counts of the units that count: used as given."""
+    correction = sa.icepop(low=0.6, high=3.5, weight="none", exclude_rejected=True)
+    batch = BATCH.replace(global_num_tokens=5.0)  # 5 valid tokens, 3 kept: the caller says 5
+    kept_total = -(LOG(0.4) + LOG(0.3) + LOG(0.6))
+    assert sa.get_loss("reinforce", correction=correction)(batch).loss.item() == pytest.approx(kept_total / 5)

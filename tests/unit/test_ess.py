@@ -59,7 +59,7 @@ def test_clipped_variant_and_errors():
     log_w = torch.tensor([[3.0], [0.0]])
     clipped = sa.effective_sample_size(log_w, max_log_weight=math.log(2.0))
     assert clipped.ess == pytest.approx(direct_ess([2.0, 1.0]))
-    with pytest.raises(ValueError, match="level: expected 'sequence' or 'token'"):
+    with pytest.raises(ValueError, match=r"level: expected one of \['sequence', 'token'\]"):
         sa.effective_sample_size(log_w, level="batch")
     with pytest.raises(ValueError, match="log_weights: NaN/inf at a valid position"):
         sa.effective_sample_size(torch.tensor([[float("nan")]]))

@@ -159,7 +159,7 @@ def test_aggregate_finite_equals_aggregate(mode):
 def test_finish_ignores_non_finite_loss_at_masked_positions(bad, mode):
     """The weighted sum would give NaN; finish notices it with the metrics and recomputes by selection."""
     g = torch.Generator().manual_seed(5)
-    lp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    lp = -torch.rand(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     batch = sa.PolicyBatch(logprobs=lp, advantages=torch.ones(3), mask=mask)
     loss_mat = lp * 2.0

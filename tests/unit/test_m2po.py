@@ -38,9 +38,9 @@ def _select(values, tau, mask=None):
 
 
 def test_hand_computed_loss_and_gradient():
-    old = torch.zeros(1, 4, dtype=F64)
+    old = torch.full((1, 4), -1.0, dtype=F64)  # log-probs <= 0; only differences enter
     # m = (log μ − log π_old)² = [0.25, 0.01, 0, 0.04]: mean 0.075 > 0.04 → drop 0.25 → mean 0.0167 ≤ 0.04.
-    mu = torch.tensor([[-0.5, -0.1, 0.0, 0.2]], dtype=F64)
+    mu = old + torch.tensor([[-0.5, -0.1, 0.0, 0.2]], dtype=F64)
     d = [0.3, -0.2, 0.1, 0.5]  # log π_θ − log π_old: no clipping, however large
     lp = (old + torch.tensor([d], dtype=F64)).requires_grad_(True)
     adv = [1.0, 2.0, -1.0, 1.0]
@@ -128,7 +128,7 @@ def test_every_removal_order_of_ties_gives_the_same_kept_totals():
 
 
 def test_all_tokens_masked_is_finite_with_zero_gradient():
-    old = torch.zeros(2, 3, dtype=F64)
+    old = torch.full((2, 3), -1.0, dtype=F64)
     lp = (old + 0.1).requires_grad_(True)
     batch = sa.PolicyBatch(
         logprobs=lp,

@@ -15,7 +15,7 @@ F64 = torch.float64
 
 def hand_batch(**overrides):
     """Three sequences, T = 3, with sequence log-ratios 0.5 (ρ < 8), log 20 (truncated) and −30 (clamped)."""
-    logprobs = torch.tensor([[-0.5, -1.0, -2.0], [-0.2, -0.3, -9.0], [-1.0, -1.5, -0.7]], dtype=F64)
+    logprobs = torch.tensor([[-0.5, -1.0, -2.0], [-0.2, -0.3, -9.0], [-31.0, -31.5, -30.7]], dtype=F64)
     rollout = logprobs.clone()
     rollout[0, 0] -= 0.2
     rollout[0, 1] -= 0.3  # Σ = 0.5

@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stable_async import checks
 from stable_async._numerics import float_mask, masked_mean
-from stable_async.aggregate import aggregate, aggregate_finite, aggregate_sequences, check_aggregation
+from stable_async.aggregate import (
+    aggregate,
+    aggregate_finite,
+    aggregate_sequences,
+    check_aggregation,
+    check_norm_length,
+)
+from stable_async.checks import check_number
 
 if TYPE_CHECKING:
     from stable_async.batch import PolicyBatch
@@ -53,6 +61,7 @@ class LossConfig:
     norm_length: float | None = None
 
     def __post_init__(self) -> None:
+        checks.check_str("aggregation", self.aggregation)
         check_aggregation(self.aggregation)
         if self.correction is not None:
             from stable_async.correction import RolloutCorrection
@@ -61,30 +70,29 @@ class LossConfig:
                 raise TypeError(
                     f"correction: expected a stable_async.RolloutCorrection, got {type(self.correction).__name__}"
                 )
-        if self.norm_length is not None and not self.norm_length > 0:
-            raise ValueError(f"norm_length: expected a positive number, got {self.norm_length!r}")
+        check_norm_length(self.norm_length)
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a finite number > 0 (or >= 0)."""
-    ok = isinstance(value, int | float) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    """Raise naming ``name`` unless ``value`` is a finite number (not a bool) > 0 (or >= 0)."""
+    check_number(name, value, low=0.0, low_open=not allow_zero)
 
 
 def check_flag(name: str, value: bool) -> None:
     """Raise a TypeError naming ``name`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    checks.check_flag(name, value)
 
 
 def check_clip_settings(eps_low: float, eps_high: float, dual_clip: float | None = None) -> None:
-    """Validate a PPO-style clip range [1 − eps_low, 1 + eps_high] and an optional dual-clip c > 1."""
-    check_positive("eps_low", eps_low, allow_zero=True)
+    """Validate a PPO-style clip range [1 − eps_low, 1 + eps_high] and an optional dual-clip c > 1.
+
+    ``eps_low`` must be < 1: the lower bound 1 − eps_low of a ratio is then > 0 (``eps_low=1.5``
+    would clip the ratio at −0.5, a negative lower bound).
+    """
+    check_number("eps_low", eps_low, low=0.0, high=1.0, high_open=True, expected="a finite number >= 0 and < 1")
     check_positive("eps_high", eps_high, allow_zero=True)
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip: expected a value > 1 (or None), got {dual_clip!r}")
+    if dual_clip is not None:
+        check_number("dual_clip", dual_clip, low=1.0, low_open=True, expected="a value > 1 (a finite number, or None)")
 
 
 def finish(
@@ -108,12 +116,9 @@ def finish(
         mask = mask & result.keep
         maskf = float_mask(mask, loss_mat.dtype)
         metrics.update(result.metrics)
-    counts = {
-        "global_num_tokens": batch.global_num_tokens,
-        "global_num_seqs": batch.global_num_seqs,
-        "dp_size": batch.dp_size,
-        "norm_length": config.norm_length,
-    }
+    # The global counts count the kept units (see PolicyBatch.counts_for).
+    excluded = config.correction is not None and config.correction.exclude_rejected
+    counts = {**batch.counts_for(mask if excluded else None), "norm_length": config.norm_length}
     if maskf.dtype != loss_mat.dtype:
         maskf = maskf.to(loss_mat.dtype)
     loss = aggregate_finite(loss_mat, mask, maskf, config.aggregation, **counts)
@@ -138,6 +143,7 @@ def finish_sequences(
     for GMPO); a sequence with a rejected token gets weight 0.
     """
     seq_valid = batch.mask.any(dim=-1)
+    counts = batch.counts_for()
     if config.correction is not None:
         result = config.correction(batch)
         log_w = torch.log(result.weights.clamp(min=torch.finfo(result.weights.dtype).tiny))
@@ -145,7 +151,13 @@ def finish_sequences(
         seq_w = torch.where(result.rejected.any(dim=-1), torch.zeros_like(seq_w), seq_w)
         seq_loss = seq_loss * seq_w
         metrics.update(result.metrics)
-    loss = aggregate_sequences(seq_loss, seq_valid, global_num_seqs=batch.global_num_seqs, dp_size=batch.dp_size)
+        if config.correction.exclude_rejected:  # a sequence with a rejected token leaves the mean
+            keep = batch.mask & ~result.rejected.any(dim=-1, keepdim=True)
+            seq_valid = keep.any(dim=-1)
+            counts = batch.counts_for(keep)
+    loss = aggregate_sequences(
+        seq_loss, seq_valid, global_num_seqs=counts["global_num_seqs"], dp_size=counts["dp_size"]
+    )
     metrics["actor/pg_loss"] = loss.detach()
     return LossOutput(loss=loss, metrics=_to_floats(metrics), per_token_loss=None)
 

@@ -50,8 +50,9 @@ import torch
 
 from stable_async._numerics import masked_mean, safe_exp
 from stable_async.batch import PolicyBatch
+from stable_async.checks import check_number
 from stable_async.diagnostics import approx_kl, fraction, weight_stats
-from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, check_positive, finish
+from stable_async.losses.base import LossConfig, LossOutput, check_clip_settings, finish
 from stable_async.losses.ppo import clipped_surrogate
 from stable_async.registry import register_loss
 
@@ -84,9 +85,13 @@ class DecoupledPPOConfig(LossConfig):
         super().__post_init__()
         check_clip_settings(self.eps_low, self.eps_high, self.dual_clip)
         if self.behavior_cap is not None:
-            check_positive("behavior_cap", self.behavior_cap)
-            if not self.behavior_cap > 1.0:
-                raise ValueError(f"behavior_cap: expected a value > 1 (or None), got {self.behavior_cap!r}")
+            check_number(
+                "behavior_cap",
+                self.behavior_cap,
+                low=1.0,
+                low_open=True,
+                expected="a value > 1 (a finite number, or None)",
+            )
         if self.behavior_cap_mode not in CAP_MODES:
             raise ValueError(f"behavior_cap_mode: expected one of {list(CAP_MODES)}, got {self.behavior_cap_mode!r}")
         if self.proximal not in PROXIMAL_MODES:

@@ -32,6 +32,7 @@ import torch
 
 from stable_async._numerics import compute_dtype, masked_mean
 from stable_async.batch import PolicyBatch
+from stable_async.checks import check_choice, check_mask, check_tensor
 from stable_async.diagnostics import approx_kl
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
 from stable_async.registry import register_loss
@@ -41,8 +42,7 @@ LEVELS = ("token", "sequence")
 
 def _check_settings(eta: float, level: str, surprisal_clip: float | None) -> None:
     check_positive("eta", eta)
-    if level not in LEVELS:
-        raise ValueError(f"level: expected one of {list(LEVELS)}, got {level!r}")
+    check_choice("level", level, LEVELS)
     if surprisal_clip is not None:
         check_positive("surprisal_clip", surprisal_clip)
 
@@ -68,12 +68,21 @@ def delight_gate(
             positions are ignored and get gate 0.
     """
     _check_settings(eta, level, surprisal_clip)
+    check_tensor("logprobs", logprobs, floating=True)
+    where = "the device of logprobs"
+    check_tensor("advantages", advantages, floating=True, device=logprobs.device, what=where)
+    per_sequence = tuple(logprobs.shape[:-1]) if logprobs.dim() >= 1 else None
+    if tuple(advantages.shape) not in (tuple(logprobs.shape), per_sequence):
+        raise ValueError(
+            f"advantages: expected shape {tuple(logprobs.shape)} (like logprobs) or {per_sequence} (one per "
+            f"sequence), got {tuple(advantages.shape)}"
+        )
     dtype = compute_dtype(advantages, logprobs)
     lp = logprobs.detach().to(dtype)
     adv = advantages.detach().to(dtype)
     if adv.dim() == lp.dim() - 1:
         adv = adv.unsqueeze(-1)
-    valid = None if mask is None else mask.bool()
+    valid = None if mask is None else check_mask("mask", mask, shape=tuple(lp.shape), device=lp.device, what=where)
     surprisal = -lp if valid is None else torch.where(valid, -lp, torch.zeros((), dtype=dtype, device=lp.device))
     if level == "sequence":
         if valid is None:

@@ -64,6 +64,7 @@ import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, masked_max, masked_mean
 from stable_async.batch import BatchValidationError, PolicyBatch
+from stable_async.checks import check_number
 from stable_async.diagnostics import fraction
 from stable_async.divergence import binary_kl, binary_tv, topk_kl, topk_tv
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
@@ -89,8 +90,9 @@ class DPPOConfig(LossConfig):
         for name in ("delta_low", "delta_high"):
             value = getattr(self, name)
             # +inf is allowed: it switches that side of the trust region off.
-            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name}: expected a number > 0 (math.inf disables this side), got {value!r}")
+            check_number(
+                name, value, low=0.0, low_open=True, finite=False, expected="a number > 0 (math.inf disables this side)"
+            )
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor: expected one of {list(ANCHORS)}, got {self.anchor!r}")
         if self.weight_anchor is not None and self.weight_anchor not in ANCHORS:
