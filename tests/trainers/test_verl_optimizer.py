@@ -54,7 +54,7 @@ def loss_calls(model, batches, config):
     lams, metrics = [], {}
     for x, noise, adv, mask in batches:
         lp = model(x)
-        old = lp.detach() + noise
+        old = (lp.detach() + noise).clamp(max=-1e-3)  # log-probs stay <= 0
         loss, metrics = fn(old, lp, adv, mask, "token-mean", config, None)
         (loss / len(batches)).backward()
         lams.append((lp.detach() - old).sum(-1))
