@@ -130,15 +130,19 @@ def check_loss_mode(loss_mode: Any) -> str | None:
     return name
 
 
-def check_sa_kwargs(name: str | None, sa_kwargs: Any) -> dict[str, Any]:
-    """Every ``sa_kwargs`` key and value checked against loss ``name``'s config; errors name the key."""
+def check_sa_kwargs(name: str | None, sa_kwargs: Any, *, rewritten_by_bypass: bool = False) -> dict[str, Any]:
+    """Every ``sa_kwargs`` key and value checked against loss ``name``'s config; errors name the key.
+
+    ``rewritten_by_bypass``: veRL's ``apply_bypass_mode`` replaced the loss mode by
+    ``bypass_mode`` in the driver's config; the leftover ``sa_kwargs`` are then not an error.
+    """
     where = f"{POLICY_LOSS_KEY}.sa_kwargs"
     kwargs = _plain(sa_kwargs) if sa_kwargs is not None else {}
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"{where}: expected a dict, got {type(kwargs).__name__}")
     kwargs = {str(k): _plain(v) for k, v in kwargs.items()}
     if name is None:
-        if kwargs:
+        if kwargs and not rewritten_by_bypass:
             raise ValueError(f"{where}: only read by sa_ loss modes; loss_mode is a veRL loss, remove {sorted(kwargs)}")
         return kwargs
     for key, why in _FORBIDDEN_KWARGS.items():
@@ -180,7 +184,7 @@ def _sa_policy_loss_config_class() -> type:
             if parent is not None:
                 parent()
             name = check_loss_mode(self.loss_mode)
-            check_sa_kwargs(name, self.sa_kwargs)
+            check_sa_kwargs(name, self.sa_kwargs, rewritten_by_bypass=self.loss_mode == "bypass_mode")
             if not isinstance(self.allow_rollout_correction, bool):
                 raise TypeError(
                     f"{POLICY_LOSS_KEY}.{ALLOW_KEY}: expected true or false, got {self.allow_rollout_correction!r}"
