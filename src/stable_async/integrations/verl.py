@@ -28,9 +28,14 @@ registered ``sa_<name>`` called by veRL's own ``ppo_loss`` the behavior policy �
 ``dppo_tv``). `ppo_loss` (installed with veRL's ``set_loss_fn``) additionally passes
 ``rollout_log_probs`` and the rollout top-K to the loss.
 
-**ESS-scaled LR and GAC** (`StableOptimizer`, `StableAdamW`) through veRL's
-``optim.optimizer_impl`` injection; the ESS reaches the optimizer through `ESS_CHANNEL`, a
-process-local accumulator (see `StepChannel`).
+**ESS-scaled LR and GAC** (`StableOptimizer`, `StableAdamW`, from
+`stable_async.integrations.verl_optim`) through veRL's ``optim.optimizer_impl`` injection; each
+``sa_`` loss call records into the `stable_async.StepAccumulator` of the optimizer whose step is
+open (see `stable_async.integrations.verl_optim`).
+
+**Config checks.** `SAPolicyLossConfig` checks the loss mode and ``sa_kwargs`` when veRL builds
+it; `check_config` (run inside veRL's ``validate_config`` once this module is imported) checks
+those, the optimizer options and rollout correction with a loss that weights by μ.
 
 **Top-K** through `ppo_loss`: veRL's engine calls the loss function a second way, as a
 logits processor ``loss_fn(student_logits=..., data=...)``, when the micro-batch carries
@@ -42,10 +47,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import importlib
+import difflib
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +57,11 @@ import torch
 from verl.trainer.ppo import core_algos
 
 import stable_async as sa
-from stable_async._numerics import sequence_log_ratio
 from stable_async.correction import CorrectionResult, RolloutCorrection
-from stable_async.integrations.verl_plugin import STRICT_ENV, StrictPluginFailure, strict_mode
+from stable_async.integrations import verl_optim
+from stable_async.integrations.verl_optim import StableAdamW, StableOptimizer
+from stable_async.integrations.verl_optim import to_plain as _plain
+from stable_async.integrations.verl_strict import STRICT_ENV, StrictPluginFailure, strict_mode
 
 logger = logging.getLogger("stable_async.integrations.verl")
 
@@ -88,7 +94,6 @@ VERL_FIELDS: dict[str, dict[str, str]] = {
 }
 # veRL ignores loss_agg_mode for these (sapo: seq-mean-token-mean; geo_mean: a sequence mean).
 NO_AGG_MODE = frozenset({"sapo", "geo_mean"})
-TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
 # Keys of sa_kwargs that cannot come from the command line.
 _FORBIDDEN_KWARGS = {
     "correction": "use veRL's algorithm.rollout_correction.* (its rollout_is_weights are applied by every sa_ loss)",
@@ -97,24 +102,102 @@ _FORBIDDEN_KWARGS = {
 
 
 # --------------------------------------------------------------------------- config
+POLICY_LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
+ALLOW_KEY = "allow_rollout_correction"
+"""``policy_loss.allow_rollout_correction``: the explicit opt-in for veRL's rollout correction with a loss
+that already weights by the rollout policy (see `check_rollout_correction`)."""
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_loss_mode(loss_mode: Any) -> str | None:
+    """The loss of ``loss_mode`` (``"sa_vcpo"`` → ``"vcpo"``); None for a veRL loss; an unknown ``sa_`` name fails."""
+    if not isinstance(loss_mode, str):
+        raise TypeError(f"{POLICY_LOSS_KEY}.loss_mode: expected a string, got {type(loss_mode).__name__}")
+    if not loss_mode.startswith(PREFIX):
+        return None
+    name = loss_mode[len(PREFIX) :]
+    known = sa.available_losses()
+    if name not in known:
+        modes = [f"{PREFIX}{n}" for n in known]
+        raise ValueError(
+            f"{POLICY_LOSS_KEY}.loss_mode: {loss_mode!r} is not a stable-async loss{_suggest(loss_mode, modes)} "
+            f"(the sa_ losses: {', '.join(modes)})"
+        )
+    return name
+
+
+def check_sa_kwargs(name: str | None, sa_kwargs: Any, *, rewritten_by_bypass: bool = False) -> dict[str, Any]:
+    """Every ``sa_kwargs`` key and value checked against loss ``name``'s config; errors name the key.
+
+    ``rewritten_by_bypass``: veRL's ``apply_bypass_mode`` replaced the loss mode by
+    ``bypass_mode`` in the driver's config; the leftover ``sa_kwargs`` are then not an error.
+    """
+    where = f"{POLICY_LOSS_KEY}.sa_kwargs"
+    kwargs = _plain(sa_kwargs) if sa_kwargs is not None else {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{where}: expected a dict, got {type(kwargs).__name__}")
+    kwargs = {str(k): _plain(v) for k, v in kwargs.items()}
+    if name is None:
+        if kwargs and not rewritten_by_bypass:
+            raise ValueError(f"{where}: only read by sa_ loss modes; loss_mode is a veRL loss, remove {sorted(kwargs)}")
+        return kwargs
+    for key, why in _FORBIDDEN_KWARGS.items():
+        if key in kwargs:
+            raise ValueError(f"{where}.{key}: not supported in veRL; {why}")
+    fields = sorted(f.name for f in dataclasses.fields(sa.loss_config_class(name)) if f.init and f.name != "correction")
+    for key in kwargs:
+        if key not in fields:
+            raise ValueError(f"{where}.{key}: not a hyperparameter of {PREFIX}{name}{_suggest(key, fields)} ({fields})")
+    try:
+        sa.get_loss(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}.{exc}") from exc
+    return kwargs
+
+
 def _sa_policy_loss_config_class() -> type:
     from verl.workers.config.actor import PolicyLossConfig
 
     @dataclass
     class SAPolicyLossConfig(PolicyLossConfig):
-        """veRL's ``PolicyLossConfig`` plus ``sa_kwargs``: stable-async hyperparameters for ``sa_<name>`` losses.
+        """veRL's ``PolicyLossConfig`` plus ``sa_kwargs`` and ``allow_rollout_correction``, checked when built.
 
         Select it with
         ``actor_rollout_ref.actor.policy_loss._target_=stable_async.integrations.verl.SAPolicyLossConfig``
         and set ``+actor_rollout_ref.actor.policy_loss.sa_kwargs={eta:0.5}`` (veRL's own class
-        rejects unknown keys). Every other field is veRL's.
+        rejects unknown keys). Every other field is veRL's. When veRL builds it
+        (``omega_conf_to_dataclass``, in the driver's ``validate_config`` and in every worker), an
+        unknown ``sa_`` loss mode and every ``sa_kwargs`` key and value are checked, with an error
+        naming the key. ``allow_rollout_correction`` (default false) is the explicit opt-in of
+        `check_rollout_correction`.
         """
 
         sa_kwargs: dict = field(default_factory=dict)
+        allow_rollout_correction: bool = False
+
+        def __post_init__(self) -> None:
+            parent = getattr(super(), "__post_init__", None)
+            if parent is not None:
+                parent()
+            name = check_loss_mode(self.loss_mode)
+            check_sa_kwargs(name, self.sa_kwargs, rewritten_by_bypass=self.loss_mode == "bypass_mode")
+            if not isinstance(self.allow_rollout_correction, bool):
+                raise TypeError(
+                    f"{POLICY_LOSS_KEY}.{ALLOW_KEY}: expected true or false, got {self.allow_rollout_correction!r}"
+                )
 
     SAPolicyLossConfig.__module__ = __name__
     SAPolicyLossConfig.__qualname__ = "SAPolicyLossConfig"
     return SAPolicyLossConfig
+
+
+def _allows_rollout_correction(config: Any) -> bool:
+    policy_loss = _get(config, "policy_loss")
+    return bool(_get(policy_loss, ALLOW_KEY, False)) if policy_loss is not None else False
 
 
 _LAZY: dict[str, Any] = {}
@@ -128,18 +211,6 @@ def __getattr__(name: str) -> Any:
             _LAZY[name] = _sa_policy_loss_config_class()
         return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python (dict / list), other values unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with veRL
-        pass
-    return value
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -160,7 +231,7 @@ def sa_kwargs_of(config: Any) -> dict[str, Any]:
     kwargs = {str(k): _plain(v) for k, v in raw.items()}
     for key, why in _FORBIDDEN_KWARGS.items():
         if key in kwargs:
-            raise ValueError(f"policy_loss.sa_kwargs.{key}: not supported in veRL; {why}")
+            raise ValueError(f"{POLICY_LOSS_KEY}.sa_kwargs.{key}: not supported in veRL; {why}")
     return kwargs
 
 
@@ -202,6 +273,107 @@ def resolve_hyperparameters(
     return out
 
 
+# --------------------------------------------------------------------------- whole-config checks
+OPTIMIZER_MODULES = ("stable_async.integrations.verl", "stable_async.integrations.verl_optim")
+OPTIM_KEY = "actor_rollout_ref.actor.optim"
+
+
+def check_rollout_correction(actor: Any, rollout_correction: Any) -> None:
+    """Refuse veRL's rollout correction with an ``sa_`` loss that already weights by the rollout policy μ.
+
+    ``actor`` is ``actor_rollout_ref.actor`` (a DictConfig or veRL's ``ActorConfig``),
+    ``rollout_correction`` is ``algorithm.rollout_correction``. ``rollout_is`` multiplies the loss
+    by veRL's π_old/μ weights, and ``bypass_mode=true`` makes veRL's ``old_log_probs`` the rollout
+    log-probs. A loss whose registry entry says ``weights_by_rollout`` for the settings it runs
+    with (as `resolve_hyperparameters` builds them for a registered ``sa_`` loss: e.g. decoupled
+    PPO, or DPPO / VCPO with ``sa_kwargs`` anchoring them at the rollout policy) corrects for μ
+    itself: together they correct twice, unless ``policy_loss.allow_rollout_correction=true``.
+    """
+    policy_loss = _get(actor, "policy_loss")
+    name = check_loss_mode(_get(policy_loss, "loss_mode", "vanilla"))
+    if name is None or rollout_correction is None or bool(_get(policy_loss, ALLOW_KEY, False)):
+        return
+    bypass = bool(_get(rollout_correction, "bypass_mode", False))
+    rollout_is = _get(rollout_correction, "rollout_is", None)
+    if not bypass and rollout_is is None:
+        return
+    check_sa_kwargs(name, _get(policy_loss, "sa_kwargs", None))
+    loss = sa.get_loss(name, **resolve_hyperparameters(name, actor))
+    if loss.weights_by_rollout:
+        which = "bypass_mode=true" if bypass else f"rollout_is={rollout_is}"
+        raise ValueError(
+            f"algorithm.rollout_correction.{which}: {PREFIX}{name} already weights by the rollout policy "
+            f"(registry: weights_by_rollout), so the correction would apply twice. Unset it, or set "
+            f"{POLICY_LOSS_KEY}.{ALLOW_KEY}=true (with policy_loss._target_="
+            f"stable_async.integrations.verl.SAPolicyLossConfig)"
+        )
+
+
+def check_optimizer(optim: Any) -> None:
+    """``optim.override_optimizer_config`` of `StableOptimizer` / `StableAdamW`, checked as the worker will build it."""
+    if _get(optim, "optimizer_impl") not in OPTIMIZER_MODULES:
+        return
+    name = _get(optim, "optimizer")
+    if name not in ("StableOptimizer", "StableAdamW"):
+        return
+    options = _plain(_get(optim, "override_optimizer_config")) or {}
+    veRL_kwargs: dict[str, Any] = {"weight_decay": _get(optim, "weight_decay", 0.0)}
+    if "adam" in name.lower():
+        veRL_kwargs["betas"] = tuple(_plain(_get(optim, "betas", (0.9, 0.999))))
+    try:
+        verl_optim.check_options(name, {**veRL_kwargs, **options}, lr=float(_get(optim, "lr", 1e-3)))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{OPTIM_KEY}.override_optimizer_config.{exc}") from exc
+
+
+def check_config(config: Any) -> None:
+    """Every stable-async setting of a composed veRL config (the driver's), with errors naming the key.
+
+    The ``sa_`` loss mode and its ``sa_kwargs`` (`check_loss_mode`, `check_sa_kwargs`), the
+    optimizer options (`check_optimizer`), and rollout correction with a loss that weights by μ
+    (`check_rollout_correction`). Run by veRL's ``validate_config`` once the stable-async plugin
+    is loaded (see `install_config_checks`).
+    """
+    actor = _get(_get(config, "actor_rollout_ref"), "actor")
+    if actor is None:
+        return
+    policy_loss = _get(actor, "policy_loss")
+    loss_mode = _get(policy_loss, "loss_mode", "vanilla")
+    name = check_loss_mode(loss_mode)
+    sa_kwargs = _get(policy_loss, "sa_kwargs", None)
+    check_sa_kwargs(name, sa_kwargs)
+    check_optimizer(_get(actor, "optim"))
+    check_rollout_correction(actor, _get(_get(config, "algorithm"), "rollout_correction"))
+
+
+def install_config_checks() -> bool:
+    """Run `check_config` first inside veRL's ``verl.utils.config.validate_config``; idempotent.
+
+    veRL's trainers (``main_ppo``, one-step-off-policy, ...) call ``validate_config`` on the
+    driver before Ray starts any worker, so a misconfiguration fails there, not after model
+    loading and the first rollout. Only stable-async settings are checked; veRL's own checks run
+    unchanged after ours.
+    """
+    from verl.utils import config as verl_config
+
+    current = verl_config.validate_config
+    if getattr(current, "_stable_async_checks", False):
+        return True
+
+    def validate_config(config: Any, use_reference_policy: bool, use_critic: bool) -> None:
+        check_config(config)
+        return current(config, use_reference_policy, use_critic)
+
+    validate_config.__doc__ = current.__doc__
+    validate_config.__wrapped__ = current  # type: ignore[attr-defined]
+    validate_config._stable_async_checks = True  # type: ignore[attr-defined]
+    verl_config.validate_config = validate_config
+    import verl.utils
+
+    verl.utils.validate_config = validate_config
+    return True
+
+
 # --------------------------------------------------------------------------- correction weights
 @dataclass(frozen=True)
 class PrecomputedWeights(RolloutCorrection):
@@ -222,69 +394,6 @@ class PrecomputedWeights(RolloutCorrection):
         w = w.detach().to(device=batch.mask.device, dtype=batch.dtype)
         weights = torch.where(batch.mask, w, torch.zeros_like(w))
         return CorrectionResult(weights=weights, keep=batch.mask, rejected=torch.zeros_like(batch.mask))
-
-
-# --------------------------------------------------------------------------- ESS channel
-class StepChannel:
-    """Process-local link from the ``sa_`` losses (per micro-batch) to `StableOptimizer` (per step).
-
-    Design. The ESS of VCPO is a statistic of the whole optimizer step (all micro-batches, all
-    data-parallel ranks), but veRL calls the loss once per micro-batch and the optimizer once per
-    mini-batch, in the same worker process. So each ``sa_`` loss call, while a consumer is
-    registered (`enable`, done by `StableOptimizer` with ESS-LR on) and the loss is differentiable
-    (a training pass), appends the per-sequence log-weights λ_i = Σ_t m·(log π_θ − log μ) of its
-    valid sequences (B floats, detached; μ as in the module docstring). At ``step()`` the optimizer
-    drains them and calls `stable_async.effective_sample_size` on the concatenation with the default
-    process group: one max- and one sum-all-reduce, so the ESS is that of the global mini-batch.
-    ``zero_grad()`` clears the channel (veRL zeroes gradients before each mini-batch and on a
-    non-finite gradient norm, when it skips ``step()``).
-
-    Assumptions: the loss and the optimizer run in one process and one thread (veRL's FSDP and
-    Megatron workers); every rank calls ``step()`` (a collective); sequences duplicated across
-    ranks (sequence/tensor parallel replicas) are duplicated uniformly, which leaves ESS/N
-    unchanged; a rank without loss calls (e.g. a non-last pipeline stage) contributes nothing.
-
-    The optimizer's metrics of the last step (``vcpo/*``, ``gac/*``) are published here too and
-    returned with the next loss call's metrics (one step late), since veRL only logs what the
-    loss function returns.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._log_weights: list[torch.Tensor] = []
-        self.last_metrics: dict[str, float] = {}
-
-    def enable(self) -> None:
-        self.enabled = True
-
-    def clear(self) -> None:
-        self._log_weights.clear()
-
-    def __len__(self) -> int:
-        return sum(int(t.numel()) for t in self._log_weights)
-
-    def record(self, batch: sa.PolicyBatch) -> None:
-        """Append the per-sequence log-weights of a micro-batch (no-op unless enabled)."""
-        if not self.enabled:
-            return
-        behavior = batch.behavior_logprobs
-        lam = sequence_log_ratio(batch.logprobs.detach() - behavior, batch.mask, mean=False)
-        self._log_weights.append(lam[batch.mask.any(dim=-1)].detach())
-
-    def ess(self, device: torch.device | None = None, process_group: Any = None) -> sa.ESSResult:
-        """Drain the channel: the ESS over everything recorded since the last drain, on all ranks."""
-        parts, self._log_weights = self._log_weights, []
-        lam = torch.cat([p.to(torch.float64) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
-        if device is not None:
-            lam = lam.to(device)
-        return sa.effective_sample_size(lam, process_group=process_group)
-
-    def publish(self, metrics: Mapping[str, float]) -> None:
-        self.last_metrics = dict(metrics)
-
-
-ESS_CHANNEL = StepChannel()
-"""The one channel of this process (see `StepChannel`)."""
 
 
 # --------------------------------------------------------------------------- loss functions
@@ -330,15 +439,21 @@ def compute_policy_loss(
         raise ValueError(f"config: {PREFIX}{name} needs veRL's ActorConfig (veRL's ppo_loss passes it)")
     extras = _EXTRAS.get() or {}
     rollout = extras.get("rollout_logprobs")
-    if name in TOPK_LOSSES and extras.get("current_topk_logprobs") is None:
+    hyperparameters = resolve_hyperparameters(name, config, loss_agg_mode, has_rollout_logprobs=rollout is not None)
+    loss = _build_loss(name, hyperparameters)
+    if loss.needs_topk and extras.get("current_topk_logprobs") is None:
         raise ValueError(
             f"current_topk_logprobs: {PREFIX}{name} needs π_θ at the rollout top-K ids, which only "
             "stable_async.integrations.verl.ppo_loss provides (install it with set_loss_fn, store "
             f"{TOPK_IDS_KEY!r}/{TOPK_LOGPROBS_KEY!r} in the batch, run with distillation_use_topk=True "
             "and use_fused_kernels=False; see docs/integrations/verl.md)"
         )
-    hyperparameters = resolve_hyperparameters(name, config, loss_agg_mode, has_rollout_logprobs=rollout is not None)
-    loss = _build_loss(name, hyperparameters)
+    if rollout_is_weights is not None and loss.weights_by_rollout and not _allows_rollout_correction(config):
+        raise ValueError(
+            f"{PREFIX}{name} already weights by the rollout policy and veRL passed rollout_is_weights "
+            "(algorithm.rollout_correction.rollout_is): the correction would be applied twice. Unset "
+            "rollout_is, or set actor_rollout_ref.actor.policy_loss.allow_rollout_correction=true"
+        )
     info = _plain(_get(config, "global_batch_info")) or {}
     batch = sa.PolicyBatch(
         logprobs=log_prob,
@@ -358,9 +473,9 @@ def compute_policy_loss(
         loss_config = dataclasses.replace(loss_config, correction=PrecomputedWeights(weights=rollout_is_weights))
     out = loss.fn(batch, loss_config)
     if log_prob.requires_grad:
-        ESS_CHANNEL.record(batch)
+        verl_optim.record(batch)  # into the optimizer whose step is open (see verl_optim)
     metrics: dict[str, Any] = {k: v for k, v in out.metrics.items() if k != "actor/pg_loss"}  # veRL sets it
-    metrics.update(ESS_CHANNEL.last_metrics)
+    metrics.update(verl_optim.last_step_metrics())
     return out.loss, metrics
 
 
@@ -509,7 +624,10 @@ def ppo_loss(
       KL loss, metric aggregation unchanged), with these micro-batch keys passed on to the
       ``sa_`` loss for this call: ``rollout_log_probs`` (B, T) → ``rollout_logprobs``;
       ``rollout_topk_ids`` (B, T, K) int and ``rollout_topk_logprobs`` (B, T, K) → ``topk_ids`` /
-      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``.
+      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``. It also
+      passes veRL's ``update_lr_scheduler`` marker (set on the last mini-batch of each
+      ``update_actor`` call) to the open `StableOptimizer`, so GAC compares each step with the
+      previous rollout batch (`StableOptimizer.rollout_batch_marker`).
     * ``loss_fn(student_logits=..., data=...)`` (logits processor; only when the micro-batch has
       ``distillation_use_topk=True``): returns `topk_logits_processor`'s per-token tensors.
     """
@@ -519,6 +637,11 @@ def ppo_loss(
 
     if model_output is None or data is None:
         raise ValueError("model_output / data: both are required unless called as a logits processor")
+    optimizer = verl_optim.open_step()
+    if optimizer is not None and "update_lr_scheduler" in data.keys():  # noqa: SIM118 (TensorDict)
+        from verl.utils import tensordict_utils as tu
+
+        optimizer.rollout_batch_marker(bool(tu.get_non_tensor_data(data, "update_lr_scheduler", default=False)))
     token = _EXTRAS.set(_extras(model_output, data))
     try:
         return verl_losses.ppo_loss(config, model_output, data, dp_group)
@@ -526,149 +649,9 @@ def ppo_loss(
         _EXTRAS.reset(token)
 
 
-# --------------------------------------------------------------------------- optimizer
-def _optimizer_class(inner: str | type) -> type:
-    if isinstance(inner, type):
-        return inner
-    if not isinstance(inner, str) or "." not in inner:
-        raise ValueError(f"inner: expected 'module.Class' (e.g. 'torch.optim.AdamW') or a class, got {inner!r}")
-    module, _, cls = inner.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"inner: cannot import optimizer {inner!r}: {exc}") from exc
-
-
-class StableOptimizer(sa.ESSScaledLR):
-    """An optimizer for veRL's ``optim.optimizer_impl`` injection: GAC, then an ESS-scaled step.
-
-    ``step()``: (1) if ``gac`` is set, `stable_async.GradientAlignmentControl.apply` on the
-    (clipped) gradients — FSDP2 DTensor shards are detected (``sharded=None``) and reduced with one
-    all-reduce; in skip mode a flagged step does not call the inner optimizer; (2) if ``ess_lr``,
-    the ESS ratio of the step from `ESS_CHANNEL` and one inner step at ``lr · s(ESS/N)``
-    (`stable_async.ESSScaledLR`; the schedule's LR is restored after the step).
-
-    Args:
-        params: what veRL's ``build_optimizer`` passes (``module.parameters()``) or param groups.
-        lr: learning rate (veRL passes ``optim.lr``); other veRL kwargs (``weight_decay``,
-            ``betas``) and unknown keys of ``override_optimizer_config`` go to the inner optimizer.
-        inner: the wrapped optimizer, ``"module.Class"`` or a class (default ``torch.optim.AdamW``).
-        ess_lr: scale the LR by the ESS (default True).
-        ess_rule, ess_base_ratio, ess_min_scale, ess_on_missing: `ESSScaledLR`'s ``rule``,
-            ``base_ratio``, ``min_scale``, ``on_missing`` (``"base"``: full LR when no ``sa_``
-            loss recorded anything this step).
-        gac: None (off, default) or a GAC mode: ``"project"``, ``"skip"``, ``"monitor"``.
-        gac_threshold, gac_strength, gac_memory: GAC's ``threshold``, ``strength``, ``memory``.
-        gac_kwargs: further `GradientAlignmentControl` keyword arguments (e.g. ``adaptive``).
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        *,
-        inner: str | type = "torch.optim.AdamW",
-        ess_lr: bool = True,
-        ess_rule: str = "sqrt",
-        ess_base_ratio: float = 1.0,
-        ess_min_scale: float = 0.0,
-        ess_on_missing: str = "base",
-        gac: str | None = None,
-        gac_threshold: float = 0.5,
-        gac_strength: float = 1.0,
-        gac_memory: str = "full",
-        gac_kwargs: Mapping[str, Any] | None = None,
-        **inner_kwargs: Any,
-    ) -> None:
-        params = list(params)
-        if not params:
-            raise ValueError("params: the optimizer got no parameters")
-        optimizer = _optimizer_class(inner)(params, lr=lr, **inner_kwargs)
-        super().__init__(
-            optimizer, rule=ess_rule, base_ratio=ess_base_ratio, min_scale=ess_min_scale, on_missing=ess_on_missing
-        )
-        self.ess_lr = bool(ess_lr)
-        self.gac: sa.GradientAlignmentControl | None = None
-        if gac is not None:
-            tensors = [p for group in optimizer.param_groups for p in group["params"]]
-            self.gac = sa.GradientAlignmentControl(
-                tensors,
-                mode=gac,
-                threshold=gac_threshold,
-                strength=gac_strength,
-                memory=gac_memory,
-                **dict(_plain(gac_kwargs) or {}),
-            )
-        self.last_ess: sa.ESSResult | None = None
-        if self.ess_lr:
-            ESS_CHANNEL.enable()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and clear `ESS_CHANNEL` (a new mini-batch starts)."""
-        ESS_CHANNEL.clear()
-        super().zero_grad(set_to_none=set_to_none)
-
-    def _device(self) -> torch.device:
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                local = p.to_local() if hasattr(p, "to_local") else p
-                return local.device
-        return torch.device("cpu")
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """GAC (if on), then one inner step at the ESS-scaled LR (if on); metrics in ``last_metrics``."""
-        metrics: dict[str, float] = {}
-        if self.gac is not None:
-            metrics.update(self.gac.apply())
-            if self.gac.should_skip:
-                ESS_CHANNEL.clear()
-                self.last_metrics = metrics
-                ESS_CHANNEL.publish(metrics)
-                return None
-        if self.ess_lr:
-            ess = ESS_CHANNEL.ess(self._device())
-            self.last_ess = ess
-            result = super().step(ess.ess_ratio if ess.n > 0 else None, closure)
-            metrics.update(self.last_metrics)
-            metrics["vcpo/ess_num_seqs"] = ess.n
-        else:
-            ESS_CHANNEL.clear()
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self.last_metrics = {k: float(v) for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        ESS_CHANNEL.publish(self.last_metrics)
-        return result
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's state, the ESS wrapper's, and GAC's (under ``"stable_async_gac"``)."""
-        state = super().state_dict()
-        if self.gac is not None:
-            state["stable_async_gac"] = self.gac.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        state = dict(state_dict)
-        gac_state = state.pop("stable_async_gac", None)
-        super().load_state_dict(state)
-        if gac_state is not None and self.gac is not None:
-            self.gac.load_state_dict(gac_state)
-
-
-class StableAdamW(StableOptimizer):
-    """`StableOptimizer` around ``torch.optim.AdamW``; its name contains "adam", so veRL passes ``betas``.
-
-    ``actor_rollout_ref.actor.optim.optimizer_impl=stable_async.integrations.verl``
-    ``actor_rollout_ref.actor.optim.optimizer=StableAdamW``
-    """
-
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
-        if "inner" in kwargs:
-            raise TypeError("inner: StableAdamW always wraps torch.optim.AdamW; use StableOptimizer for another one")
-        super().__init__(params, lr, inner="torch.optim.AdamW", **kwargs)
-
-
 __all__ = [
+    "ALLOW_KEY",
     "CURRENT_TOPK_PREFIX",
-    "ESS_CHANNEL",
     "PREFIX",
     "ROLLOUT_LOGPROBS_KEY",
     "STRICT_ENV",
@@ -679,9 +662,14 @@ __all__ = [
     "SAPolicyLossConfig",  # noqa: F822 (built lazily by the module __getattr__)
     "StableAdamW",
     "StableOptimizer",
-    "StepChannel",
     "StrictPluginFailure",
+    "check_config",
+    "check_loss_mode",
+    "check_optimizer",
+    "check_rollout_correction",
+    "check_sa_kwargs",
     "compute_policy_loss",
+    "install_config_checks",
     "make_policy_loss_fn",
     "ppo_loss",
     "register_all",
@@ -693,3 +681,4 @@ __all__ = [
 
 # Importing the adapter directly (without `import verl` first) also registers the losses.
 register_all()
+install_config_checks()

@@ -11,36 +11,36 @@ install would silently leave ``loss_mode=sa_*`` unknown ("Unsupported loss mode"
 raises `StrictPluginFailure` (a ``BaseException``, which veRL's ``except Exception`` does not
 swallow), aborting ``import verl``.
 
-Cheap: imports the adapter (which imports ``verl.trainer.ppo.core_algos``, already loaded by
-most veRL entry points) and fills the policy-loss registry; nothing else.
+Besides the losses, `load` installs two environment pieces: with TRL installed,
+`stable_async.integrations.verl_trl_shim` (veRL 0.9.1's value-head patch fails to import from
+TRL ≥ 1.x); with ``VERL_PLATFORM=cpu``, the CPU platform of `stable_async.integrations.verl_cpu`.
+Cheap otherwise: imports the adapter (which imports ``verl.trainer.ppo.core_algos``, already
+loaded by most veRL entry points) and fills the policy-loss registry.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from stable_async.integrations.verl_strict import STRICT_ENV, StrictPluginFailure, strict_mode
 
 logger = logging.getLogger("stable_async.integrations.verl")
 
-STRICT_ENV = "STABLE_ASYNC_STRICT"
 
+def _install_environment_pieces() -> None:
+    """The TRL shim (when TRL is installed) and the CPU platform (when ``VERL_PLATFORM=cpu``)."""
+    from stable_async.integrations import verl_cpu, verl_trl_shim
 
-class StrictPluginFailure(BaseException):
-    """A failed plugin load under ``STABLE_ASYNC_STRICT=1``.
-
-    A `BaseException`, not an `Exception`, on purpose: veRL's loader catches ``Exception``.
-    """
-
-
-def strict_mode() -> bool:
-    """True when ``STABLE_ASYNC_STRICT`` is set to 1/true/yes/on."""
-    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if verl_trl_shim.trl_installed():
+        verl_trl_shim.install()
+    verl_cpu.register_if_requested()
 
 
 def load() -> list[str]:
     """Register every stable-async loss in veRL as ``sa_<name>``; idempotent. Returns the registered names."""
     try:
+        _install_environment_pieces()
         adapter = sys.modules.get("stable_async.integrations.verl")
         if adapter is not None and not hasattr(adapter, "register_all"):
             # The adapter is being imported (its import of veRL brought us here); it registers at its end.

@@ -1,0 +1,395 @@
+"""veRL's real actor worker on a CPU, for tests (importable as ``verl_worker``; run as a script per scenario).
+
+`build_worker` does what a veRL job does, on one CPU process: registers stable-async's CPU
+platform in veRL's platform registry (``VERL_PLATFORM=cpu``), composes veRL's own Hydra config
+``ppo_trainer`` with our documented overrides, runs veRL's ``validate_config``, opens a gloo
+process group on 127.0.0.1 and builds ``verl.workers.engine_workers.ActorRolloutRefWorker(...,
+role="actor")`` (the worker veRL 0.9.1's trainers use), then ``init_model()``. `rollout_batch`
+builds a batch the way ``RayPPOTrainer._update_actor`` hands it to ``update_actor``: left-padded
+prompts, right-padded responses, converted by veRL's ``left_right_2_no_padding``, with the
+trainer's non-tensor keys.
+
+Each scenario runs in its own process (veRL's platform and the process group are per process)
+and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+
+PROMPT_LEN = 3
+RESPONSE_LEN = 5
+BATCH = 4
+VOCAB = 32
+TOPK = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SGD = [
+    "actor_rollout_ref.actor.optim.optimizer=SGD",
+    "actor_rollout_ref.actor.optim.weight_decay=0.0",
+    "actor_rollout_ref.actor.optim.lr=0.1",
+]
+"""veRL's ``torch.optim.SGD`` (the update is lr · clipped gradient: parity of parameters is parity of gradients)."""
+
+
+def worker_overrides(
+    model_path: str, *, loss_mode: str = "vanilla", mini_batch: int = BATCH, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """Our documented overrides for a one-process CPU actor (docs/integrations/verl.md), then ``extra``."""
+    return [
+        f"actor_rollout_ref.model.path={model_path}",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.use_torch_compile=false",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch}",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.actor.clip_ratio_low=0.2",
+        "actor_rollout_ref.actor.clip_ratio_high=0.28",
+        "actor_rollout_ref.actor.optim.lr=0.01",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+        "actor_rollout_ref.actor.policy_loss._target_=stable_async.integrations.verl.SAPolicyLossConfig",
+        "actor_rollout_ref.rollout.n=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        f"data.train_batch_size={BATCH}",
+        "trainer.n_gpus_per_node=1",
+        *extra,
+    ]
+
+
+def compose(overrides: list[str]) -> Any:
+    """veRL's ``ppo_trainer`` config with ``overrides``, checked by veRL's ``validate_config``."""
+    import verl
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from verl.utils.config import validate_config
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = hydra_compose(config_name="ppo_trainer", overrides=overrides)
+    validate_config(config, use_reference_policy=False, use_critic=False)
+    return config
+
+
+def build_worker(overrides: list[str]) -> tuple[Any, Any]:
+    """(worker after ``init_model()``, composed config) for a one-process CPU run."""
+    os.environ.update(VERL_PLATFORM="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import torch.distributed as dist
+
+    import stable_async.integrations.verl  # noqa: F401  (the losses; `import verl` loads the plugin too)
+    from stable_async.integrations import verl_cpu
+
+    verl_cpu.register()
+    config = compose(overrides)
+    if not dist.is_initialized():
+        verl_cpu.init_process_group()
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
+    worker.init_model()
+    return worker, config
+
+
+def actor_config(config: Any, **changes: Any) -> Any:
+    """The worker's ``ActorConfig`` (``omega_conf_to_dataclass`` of ``actor_rollout_ref.actor``) with changes."""
+    from omegaconf import OmegaConf, open_dict
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = OmegaConf.create(OmegaConf.to_container(config.actor_rollout_ref.actor, resolve=True))
+    with open_dict(actor):
+        for key, value in changes.items():
+            OmegaConf.update(actor, key, value, force_add=True)
+    return omega_conf_to_dataclass(actor)
+
+
+def rollout_batch(seed: int, *, mini_batch: int = BATCH, epochs: int = 1, topk: bool = False, model: Any = None):
+    """A rollout batch as ``RayPPOTrainer._update_actor`` passes it to ``update_actor`` (no-padding TensorDict).
+
+    Random prompts/responses of random lengths; ``old_log_probs`` around log(1/V) (the untrained
+    model's); ``rollout_log_probs`` = old + noise; advantages constant per sequence. ``topk``: ``rollout_topk_ids`` /
+    ``rollout_topk_logprobs`` (B, T, K) from ``model`` (the rollout policy), the sampled token
+    among the K, and ``distillation_use_topk=True`` so veRL's engine calls the logits processor.
+    """
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    g = torch.Generator().manual_seed(seed)
+    B, P, T = BATCH, PROMPT_LEN, RESPONSE_LEN
+    ids = torch.zeros(B, P + T, dtype=torch.long)
+    attention = torch.zeros(B, P + T, dtype=torch.long)
+    responses = torch.zeros(B, T, dtype=torch.long)
+    response_mask = torch.zeros(B, T, dtype=torch.long)
+    for i in range(B):
+        p = int(torch.randint(1, P + 1, (1,), generator=g))
+        r = T if i == 0 else int(torch.randint(1, T + 1, (1,), generator=g))
+        ids[i, P - p : P] = torch.randint(3, VOCAB, (p,), generator=g)
+        responses[i, :r] = torch.randint(3, VOCAB, (r,), generator=g)
+        ids[i, P : P + r] = responses[i, :r]
+        attention[i, P - p : P + r] = 1
+        response_mask[i, :r] = 1
+    mask = response_mask.float()
+    old = (-math.log(VOCAB) + 0.3 * torch.randn(B, T, generator=g)) * mask  # the tiny model's π_θ ≈ uniform
+    tensors = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+        "prompts": ids[:, :P].clone(),
+        "responses": responses,
+        "response_mask": response_mask,
+        "old_log_probs": old,
+        "rollout_log_probs": (old + 0.2 * torch.randn(B, T, generator=g)) * mask,
+        "advantages": (torch.randn(B, 1, generator=g) * mask).contiguous(),
+    }
+    if topk:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, P - 1 : P + T - 1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = logp.topk(TOPK, dim=-1).indices
+        has = (top == responses[..., None]).any(-1, keepdim=True)
+        top = torch.cat([top[..., :-1], torch.where(has, top[..., -1:], responses[..., None])], dim=-1)
+        tensors["rollout_topk_ids"] = top * response_mask[..., None]
+        tensors["rollout_topk_logprobs"] = logp.gather(-1, top) * mask[..., None]
+        tensors["rollout_log_probs"] = logp.gather(-1, responses[..., None])[..., 0] * mask
+    data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
+    tu.assign_non_tensor(
+        data,
+        calculate_entropy=False,
+        distillation_use_topk=topk,
+        distillation_only=False,
+        global_batch_size=mini_batch,
+        mini_batch_size=mini_batch,
+        epochs=epochs,
+        seed=42,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+        temperature=1.0,
+    )
+    return data
+
+
+def parameters(worker: Any) -> list[torch.Tensor]:
+    """The actor's parameters (full tensors, fp32 copies), in a fixed order."""
+    out = []
+    for _, p in sorted(worker.actor.engine.module.named_parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(full.detach().float().clone())
+    return out
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def update(worker: Any, data: Any) -> tuple[dict[str, Any], float]:
+    """``worker.update_actor(data)``: (its metrics as plain floats / lists, seconds)."""
+    from verl.utils import tensordict_utils as tu
+
+    start = time.perf_counter()
+    output = worker.update_actor(data)
+    seconds = time.perf_counter() - start
+    metrics = {}
+    for key, value in tu.get(output, "metrics").items():
+        values = value if isinstance(value, list) else [value]
+        metrics[key] = [float(v) for v in values]
+    return metrics, seconds
+
+
+class LossSpy:
+    """Records every call of the registered policy losses veRL's ``ppo_loss`` looks up (name, loss value)."""
+
+    def __init__(self) -> None:
+        from verl.trainer.ppo import core_algos
+
+        self.calls: list[tuple[str, float, bool]] = []
+        self.log_weights: list[torch.Tensor] = []  # per training call: λ_i = Σ_t m·(log π_θ − old) per sequence
+        self._registry = core_algos.POLICY_LOSS_REGISTRY
+        for name, fn in list(self._registry.items()):
+            self._registry[name] = self._wrap(name, fn)
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            loss, metrics = fn(*args, **kwargs)
+            log_prob, old, mask = kwargs["log_prob"], kwargs["old_log_prob"], kwargs["response_mask"].bool()
+            self.calls.append((name, float(loss.detach()), bool(log_prob.requires_grad)))
+            if log_prob.requires_grad:
+                lam = ((log_prob.detach() - old) * mask).sum(-1).double()
+                self.log_weights.append(lam[mask.any(-1)])
+            return loss, metrics
+
+        spy.__dict__.update(fn.__dict__)
+        return spy
+
+    def take(self) -> list[tuple[str, float, bool]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+# --------------------------------------------------------------------------- scenarios
+def scenario_losses(model_path: str) -> dict[str, Any]:
+    """veRL's SGD; vanilla vs sa_ppo parity after each update (and a control); every sa_ loss through set_loss_fn."""
+    from functools import partial
+
+    from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+    import stable_async as sa
+    from stable_async.integrations import verl as adapter
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    worker, config = build_worker(worker_overrides(model_path, extra=tuple(SGD)))
+    timings["build_and_init_model"] = time.perf_counter() - start
+    spy = LossSpy()
+    engine = worker.actor.engine
+    out: dict[str, Any] = {"optimizer": type(engine.optimizer).__module__ + "." + type(engine.optimizer).__name__}
+    initial = parameters(worker)
+
+    def run(steps: int) -> tuple[list[list[torch.Tensor]], list[dict[str, Any]], list[Any]]:
+        params, metrics, calls = [], [], []
+        for step in range(steps):
+            m, seconds = update(worker, rollout_batch(step))
+            timings[f"update_{len(timings)}"] = seconds
+            params.append(parameters(worker))
+            metrics.append(m)
+            calls.append(spy.take())
+        return params, metrics, calls
+
+    steps = 3
+    vanilla_params, vanilla_metrics, vanilla_calls = run(steps)
+    start = time.perf_counter()
+    worker.actor.reset()  # veRL's own reset: rebuild the engine from the checkpoint on disk
+    timings["reset"] = time.perf_counter() - start
+    out["reset_restores_initial"] = max_diff(parameters(worker), initial)
+    worker.set_loss_fn(partial(verl_ppo_loss, config=actor_config(config, **{"policy_loss.loss_mode": "sa_ppo"})))
+    sa_params, sa_metrics, sa_calls = run(steps)
+    # Control: sa_ppo with other clip bounds (0.1 / 0.2 instead of veRL's 0.2 / 0.28) must differ.
+    worker.actor.reset()
+    control = {"policy_loss.loss_mode": "sa_ppo", "policy_loss.sa_kwargs": {"eps_low": 0.1, "eps_high": 0.2}}
+    worker.set_loss_fn(partial(verl_ppo_loss, config=actor_config(config, **control)))
+    control_params, _, _ = run(steps)
+    out["parity"] = {
+        "control_param_diff": [max_diff(a, b) for a, b in zip(vanilla_params, control_params, strict=True)],
+        "max_param_diff": [max_diff(a, b) for a, b in zip(vanilla_params, sa_params, strict=True)],
+        "max_param_change": [max_diff(a, initial) for a in vanilla_params],
+        "pg_loss": [[m["actor/pg_loss"] for m in ms] for ms in (vanilla_metrics, sa_metrics)],
+        "calls": [sorted({c[0] for cs in calls for c in cs}) for calls in (vanilla_calls, sa_calls)],
+    }
+
+    losses: dict[str, Any] = {}
+    reference_model = None
+    for i, name in enumerate(sa.available_losses()):
+        topk = sa.get_loss(name).needs_topk  # the registry says which losses read the rollout top-K
+        changes = {"policy_loss.loss_mode": f"{adapter.PREFIX}{name}"}
+        loss_fn = adapter.ppo_loss if topk else verl_ppo_loss
+        worker.set_loss_fn(partial(loss_fn, config=actor_config(config, **changes)))
+        if topk and reference_model is None:
+            from transformers import AutoModelForCausalLM
+
+            reference_model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        before = parameters(worker)
+        metrics, seconds = update(worker, rollout_batch(100 + i, topk=topk, model=reference_model))
+        timings[f"update_sa_{name}"] = seconds
+        calls = spy.take()
+        losses[name] = {
+            "called": sorted({c[0] for c in calls}),
+            "train_call_losses": [c[1] for c in calls if c[2]],
+            "pg_loss": metrics.get("actor/pg_loss"),
+            "metric_keys": sorted(metrics),
+            "param_change": max_diff(parameters(worker), before),
+            "finite": all(math.isfinite(v) for vs in metrics.values() for v in vs),
+        }
+    out["losses"] = losses
+    out["timings"] = timings
+    return out
+
+
+def scenario_optimizer(model_path: str) -> dict[str, Any]:
+    """StableAdamW (ESS-LR + GAC monitor) and sa_vcpo; 2 optimizer steps per update_actor (mini-batches of 2).
+
+    Update 1 through veRL's own ppo_loss (the config-only path; μ = old_log_probs); updates 2 and
+    3 through stable-async's ppo_loss (set_loss_fn), which passes veRL's rollout-batch marker to
+    GAC. Every optimizer step is observed (gradients as GAC sees them, after veRL's clipping,
+    and the step's metrics) by wrapping the engine optimizer's ``step``.
+    """
+    from functools import partial
+
+    import stable_async as sa
+    from stable_async.integrations import verl as adapter
+
+    options = "{ess_rule:sqrt,gac:monitor,gac_threshold:0.5}"
+    extra = (
+        "actor_rollout_ref.actor.optim.optimizer_impl=stable_async.integrations.verl",
+        "actor_rollout_ref.actor.optim.optimizer=StableAdamW",
+        f"actor_rollout_ref.actor.optim.override_optimizer_config={options}",
+    )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_vcpo", mini_batch=2, extra=extra))
+    timings["build_and_init_model"] = time.perf_counter() - start
+    spy = LossSpy()
+    optimizer = worker.actor.engine.optimizer
+    steps: list[dict[str, Any]] = []
+    grads: list[torch.Tensor] = []
+    inner_step = optimizer.step
+
+    def observed_step(*args: Any, **kwargs: Any) -> Any:
+        grads.append(
+            torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).reshape(-1).double()
+                       for _, p in sorted(worker.actor.engine.module.named_parameters())])
+        )  # fmt: skip
+        result = inner_step(*args, **kwargs)
+        steps.append(dict(optimizer.last_metrics))
+        return result
+
+    optimizer.step = observed_step
+    out: dict[str, Any] = {
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "inner": f"{type(optimizer.optimizer).__module__}.{type(optimizer.optimizer).__name__}",
+        "gac_mode": optimizer.gac.mode if optimizer.gac is not None else None,
+    }
+    worker_metrics = []
+    for update_index in range(3):
+        if update_index == 1:
+            worker.set_loss_fn(partial(adapter.ppo_loss, config=actor_config(config)))
+        m, seconds = update(worker, rollout_batch(update_index, mini_batch=2))
+        timings[f"update_{update_index}"] = seconds
+        worker_metrics.append(sorted(m))
+    log_weights = spy.log_weights[:4]  # update 1: 2 steps × 2 micro-batches (mini-batch 2, micro 2: 1 call each)
+    out["expected_ess_ratio"] = [
+        sa.effective_sample_size(torch.cat(log_weights[i : i + 1])).ess_ratio for i in range(len(log_weights))
+    ]
+    out["calls_per_update"] = len(spy.calls)
+    out["steps"] = steps
+    dot = [[float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for b in grads] for a in grads]
+    out["grad_cosines"] = dot
+    out["worker_metric_keys"] = worker_metrics
+    out["timings"] = timings
+    return out
+
+
+SCENARIOS = {"losses": scenario_losses, "optimizer": scenario_optimizer}
+
+
+def main(argv: list[str]) -> None:
+    scenario, model_path, out_path = argv
+    torch.set_num_threads(1)
+    result = SCENARIOS[scenario](model_path)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
