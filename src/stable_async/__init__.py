@@ -12,9 +12,11 @@ from stable_async import baselines, divergence, losses  # noqa: F401  (losses: r
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
+from stable_async.correction_chain import CorrectionChain
 from stable_async.diagnostics import ESSResult, effective_sample_size
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
+from stable_async.opsm import OffPolicySequenceMask, opsm
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGGREGATION_MODES",
     "BatchValidationError",
+    "CorrectionChain",
     "CorrectionResult",
     "ESSResult",
     "ESSScaledLR",
@@ -31,6 +34,7 @@ __all__ = [
     "Loss",
     "LossConfig",
     "LossOutput",
+    "OffPolicySequenceMask",
     "PolicyBatch",
     "RolloutCorrection",
     "__version__",
@@ -43,6 +47,7 @@ __all__ = [
     "get_loss",
     "icepop",
     "loss_config_class",
+    "opsm",
     "register_loss",
     "sequence_mask",
     "token_tis",
