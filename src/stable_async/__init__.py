@@ -20,6 +20,7 @@ from stable_async.opsm import OffPolicySequenceMask, opsm
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
+from stable_async.sampling import sampling_logprobs
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "loss_config_class",
     "opsm",
     "register_loss",
+    "sampling_logprobs",
     "sequence_mask",
     "token_tis",
 ]
