@@ -8,7 +8,7 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
-from stable_async import baselines, divergence, losses  # noqa: F401  (losses: registers every loss)
+from stable_async import baselines, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
@@ -19,7 +19,15 @@ from stable_async.losses.delight import delight_gate
 from stable_async.opsm import OffPolicySequenceMask, opsm
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
-from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
+from stable_async.registry import (
+    Loss,
+    LossSpec,
+    available_losses,
+    get_loss,
+    loss_config_class,
+    loss_spec,
+    register_loss,
+)
 from stable_async.sampling import sampling_logprobs
 
 __version__ = "0.1.0"
@@ -35,6 +43,7 @@ __all__ = [
     "Loss",
     "LossConfig",
     "LossOutput",
+    "LossSpec",
     "OffPolicySequenceMask",
     "PolicyBatch",
     "RolloutCorrection",
@@ -48,6 +57,7 @@ __all__ = [
     "get_loss",
     "icepop",
     "loss_config_class",
+    "loss_spec",
     "opsm",
     "register_loss",
     "sampling_logprobs",
