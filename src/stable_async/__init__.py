@@ -8,7 +8,7 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
-from stable_async import baselines, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
+from stable_async import baselines, checks, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
@@ -17,8 +17,10 @@ from stable_async.diagnostics import ESSResult, effective_sample_size
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
 from stable_async.opsm import OffPolicySequenceMask, opsm
+from stable_async.optim.accumulator import StepAccumulator, StepStatistics
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
+from stable_async.optim.step import StableStep
 from stable_async.registry import (
     Loss,
     LossSpec,
@@ -47,10 +49,14 @@ __all__ = [
     "OffPolicySequenceMask",
     "PolicyBatch",
     "RolloutCorrection",
+    "StableStep",
+    "StepAccumulator",
+    "StepStatistics",
     "__version__",
     "aggregate",
     "available_losses",
     "baselines",
+    "checks",
     "delight_gate",
     "divergence",
     "effective_sample_size",
