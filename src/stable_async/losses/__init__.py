@@ -7,9 +7,11 @@ from stable_async.losses import (  # noqa: F401  (imported to register)
     dppo,
     geo_mean,
     gspo,
+    luspo,
     m2po,
     ppo,
     reinforce,
     sapo,
     vcpo,
+    vespo,
 )
