@@ -2,6 +2,7 @@
 
 from stable_async.losses import (  # noqa: F401  (imported to register)
     cispo,
+    cov,
     decoupled_ppo,
     delight,
     dppo,
