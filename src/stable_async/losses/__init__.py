@@ -11,6 +11,7 @@ from stable_async.losses import (  # noqa: F401  (imported to register)
     luspo,
     m2po,
     ppo,
+    prime_rl,
     reinforce,
     sapo,
     vcpo,
