@@ -27,7 +27,7 @@ def test_hand_computed():
     batch = _batch(lp, mu, [[1.0, -2.0, 0.0]])
     out = sa.get_loss("prime_rl", kl_tau=0.1)(batch)
     log_r = [math.log(2.5), math.log(0.75), math.log(0.2)]
-    expected = (-(-2.0) * 0.75 + 0.1 * sum(x * x for x in log_r)) / 3
+    expected = (2.0 * 0.75 + 0.1 * sum(x * x for x in log_r)) / 3
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
     assert out.metrics["actor/pg_clipfrac"] == pytest.approx(2 / 3)
     # ∂ℓ/∂log π = −M·τ_A·A·r + 2·τ_KL·log r, over N = 3.
