@@ -81,3 +81,16 @@ def test_validation_and_empty():
         sa.kondo_gate(adv, torch.where(mask, -math.inf, lp), mask)
     empty = sa.kondo_gate(torch.ones(2), torch.zeros(2, 3), torch.zeros(2, 3), rate=0.5)
     assert empty.indices.numel() == 0 and empty.skipped_fraction == 0.0
+
+
+def test_custom_loop_example_with_the_gate():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "examples" / "custom_loop.py"
+    spec = importlib.util.spec_from_file_location("custom_loop_kondo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gated = module.main(steps=3, kondo_price=1.0, log_every=10)
+    plain = module.main(steps=3, log_every=10)
+    assert 0.0 < gated["kondo_skipped"] < 1.0 and plain["kondo_skipped"] == 0.0
