@@ -94,3 +94,19 @@ def test_custom_loop_example_with_the_gate():
     gated = module.main(steps=3, kondo_price=1.0, log_every=10)
     plain = module.main(steps=3, log_every=10)
     assert 0.0 < gated["kondo_skipped"] < 1.0 and plain["kondo_skipped"] == 0.0
+
+
+def test_benchmark_smoke():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "kondo" / "run.py"), "--quick", "--repeats", "2"],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| kondo")]
+    assert len(rows) == 3 and "| kondo rate 0.25 | 75.0% |" in out  # 16 sequences, the top 4 kept
