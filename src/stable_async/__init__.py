@@ -14,9 +14,12 @@ from stable_async import baselines, checks, divergence, losses, registry  # noqa
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
+from stable_async.correction_chain import CorrectionChain
 from stable_async.diagnostics import ESSResult, effective_sample_size
+from stable_async.kondo import KondoSelection, kondo_gate
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
+from stable_async.opsm import OffPolicySequenceMask, opsm
 from stable_async.optim.accumulator import StepAccumulator, StepStatistics
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
@@ -30,6 +33,7 @@ from stable_async.registry import (
     loss_spec,
     register_loss,
 )
+from stable_async.sampling import sampling_logprobs
 
 try:  # the version is written once, in pyproject.toml
     __version__ = _metadata.version("stable-async")
@@ -39,14 +43,17 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 __all__ = [
     "AGGREGATION_MODES",
     "BatchValidationError",
+    "CorrectionChain",
     "CorrectionResult",
     "ESSResult",
     "ESSScaledLR",
     "GradientAlignmentControl",
+    "KondoSelection",
     "Loss",
     "LossConfig",
     "LossOutput",
     "LossSpec",
+    "OffPolicySequenceMask",
     "PolicyBatch",
     "RolloutCorrection",
     "StableStep",
@@ -62,9 +69,12 @@ __all__ = [
     "effective_sample_size",
     "get_loss",
     "icepop",
+    "kondo_gate",
     "loss_config_class",
     "loss_spec",
+    "opsm",
     "register_loss",
+    "sampling_logprobs",
     "sequence_mask",
     "token_tis",
 ]
