@@ -59,9 +59,9 @@ def test_mask_is_dppo_binary_tv_and_gradient_by_autograd():
 
 
 def test_edge_cases_and_validation():
-    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.bfloat16, requires_grad=True)
+    lp = torch.tensor([[-1e4, -2.0]], dtype=torch.bfloat16, requires_grad=True)  # log-ratios of -1e4 and +1e4
     batch = sa.PolicyBatch(
-        logprobs=lp, rollout_logprobs=torch.tensor([[1e4, -1e4]]), advantages=torch.ones(1), mask=torch.ones(1, 2)
+        logprobs=lp, rollout_logprobs=torch.tensor([[0.0, -1e4]]), advantages=torch.ones(1), mask=torch.ones(1, 2)
     )
     out = sa.get_loss("prime_rl")(batch)
     out.loss.backward()

@@ -193,7 +193,7 @@ def test_clipped_surrogate_masks_are_bool_and_match_the_branches():
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_finish_ignores_non_finite_loss_at_masked_positions(bad, mode):
     g = torch.Generator().manual_seed(5)
-    lp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    lp = -torch.rand(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     batch = sa.PolicyBatch(logprobs=lp, advantages=torch.ones(3), mask=mask)
     loss_mat = torch.where(mask, lp * 2.0, torch.full((), bad, dtype=torch.float64))

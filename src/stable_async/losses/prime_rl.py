@@ -66,7 +66,7 @@ def prime_rl(batch: PolicyBatch, config: PrimeRLConfig) -> LossOutput:
     dropped = trust_region_mask(lp, mu, adv, divergence, config.delta_low, config.delta_high)
     kl = log_ratio.square()
     loss_mat = -(~dropped).to(ratio.dtype) * config.adv_tau * adv * ratio + config.kl_tau * kl
-    metrics = dppo_metrics(batch, dropped, log_ratio.detach(), divergence, None)
+    metrics = dppo_metrics(batch, dropped, log_ratio.detach(), ratio.detach(), divergence, None)
     metrics["prime_rl/kl_loss"] = masked_mean(kl.detach(), batch.mask)
     r = ratio.detach()
     metrics["prime_rl/mismatch_kl"] = masked_mean(r - 1.0 - log_ratio.detach(), batch.mask)
