@@ -191,6 +191,37 @@ def test_our_option_errors_name_the_argument():
         OURS(policy_loss_type="gspo", is_correction_level="token")(t["lp"], t["old"], t["adv"], mask)
 
 
+# Misconfigurations of our optimizer-side options: refused where the user types them (the loss, or
+# the driver's runtime_env), with the option and the key in the message, never later in a worker.
+BAD_OPTIONS = [
+    ({"gac": {"mode": "skip"}}, ValueError, r"^gac: mode='skip' is not supported"),
+    ({"gac": {"memory": "sketch"}}, ValueError, r"^gac: .*memory='sketch'"),
+    ({"gac": {"treshold": 0.5}}, TypeError, r"^gac: unknown key 'treshold'"),
+    ({"gac": {"threshold": 1.5}}, ValueError, r"^gac: .*threshold"),
+    ({"gac": {"threshold": "0.5"}}, ValueError, r"^gac: .*threshold"),
+    ({"gac": "project"}, TypeError, r"^gac: expected True"),
+    ({"ess_lr": {"rule": "cubic"}}, ValueError, r"^ess_lr: .*rule"),
+    ({"ess_lr": {"base_ratoi": 0.5}}, TypeError, r"^ess_lr: unknown key 'base_ratoi'"),
+    ({"ess_lr": {"min_scale": 2.0}}, ValueError, r"^ess_lr: .*min_scale"),
+    ({"loss_kwargs": {"eps_hihg": 0.3}, "policy_loss": "ppo"}, TypeError, r"^eps_hihg: not a hyperparameter"),
+    ({"correction": {"levle": "token"}}, TypeError, r"^correction: .*levle"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS, ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize("where", ["PolicyLoss", "runtime_env"])
+def test_option_misconfigurations_fail_at_construction_naming_the_key(where, options, error, match):
+    build = OURS if where == "PolicyLoss" else adapter.runtime_env
+    with pytest.raises(error, match=match):
+        build(**options)
+
+
+def test_documented_gac_options_are_accepted():
+    for gac in (True, {"mode": "monitor", "memory": "sketch"}, {"mode": "project", "memory": "bf16", "threshold": 0.7}):
+        assert OURS(gac=gac).gac == ({} if gac is True else gac)
+        assert adapter.runtime_env(gac=gac)["worker_process_setup_hook"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Our options through the drop-in
 # ---------------------------------------------------------------------------------------------

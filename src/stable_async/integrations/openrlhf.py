@@ -93,7 +93,7 @@ from torch import nn
 
 import stable_async as sa
 from stable_async.diagnostics import approx_kl
-from stable_async.integrations._options import option_settings
+from stable_async.integrations.options import ess_lr_settings, gac_settings
 
 __all__ = [
     "ENV_VAR",
@@ -115,6 +115,10 @@ ENV_VAR = "STABLE_ASYNC_OPENRLHF"
 WORKER_SETUP_HOOK = "stable_async.integrations.openrlhf.worker_setup"
 _STATISTIC = {"ratio": "ratio", "binary_kl": "binary_kl", "tv": "binary_tv"}
 _OPENRLHF_DIVERGENCE_EPS = 1e-6  # OpenRLHF clamps both probabilities to [1e-6, 1 - 1e-6]
+_NO_SKIP = (
+    "not stepping DeepSpeed's ZeRO / mixed-precision optimizer would leave its gradient buffers for the next step; "
+    "use mode='project' or 'monitor'"
+)
 
 
 class DualClipError(ValueError, AssertionError):
@@ -188,10 +192,8 @@ class PolicyLoss(nn.Module):
             policy_loss is None and policy_loss_type == "gspo" and is_correction_level != "off" and correction is None
         )
         self.loss_fn = self._build_loss(policy_loss, dict(loss_kwargs or {}))
-        self.ess_lr = option_settings(ess_lr, "ess_lr")
-        self.gac = option_settings(gac, "gac")
-        if self.ess_lr is not None:
-            sa.ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **self.ess_lr)  # validate
+        self.ess_lr = ess_lr_settings(ess_lr)
+        self.gac = gac_settings(gac, refused_modes=("skip",), reason=_NO_SKIP)
         self.last_metrics: dict[str, float] = {}
         self.step_hook: DeepSpeedStepHook | None = None
         self._ess_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -428,21 +430,23 @@ class DeepSpeedStepHook:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is None or not callable(getattr(optimizer, "step", None)):
             raise TypeError(f"engine: expected a DeepSpeed engine with .optimizer.step, got {type(engine).__name__}")
-        ess_settings = option_settings(ess_lr, "ess_lr") if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
-        gac_settings = option_settings(gac, "gac") if gac is not None else getattr(policy_loss, "gac", None)
+        ess_settings = ess_lr_settings(ess_lr) if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
+        gac_options = (
+            gac_settings(gac, refused_modes=("skip",), reason=_NO_SKIP)
+            if gac is not None
+            else getattr(policy_loss, "gac", None)
+        )
         if ess_settings is not None and not isinstance(policy_loss, PolicyLoss):
             raise ValueError("policy_loss: ess_lr needs the PolicyLoss that records the log-weights")
-        if gac_settings is not None and gac_settings.get("mode", "project") == "skip":
-            raise ValueError("gac: mode='skip' is not supported through the DeepSpeed engine; use project or monitor")
         self.engine, self.optimizer, self.policy_loss = engine, optimizer, policy_loss
         self.process_group = process_group
         self.had_instance_step = "step" in vars(optimizer)
         self.original_step = optimizer.step
         shim = _StepShim(optimizer, self.original_step)
         self.ess_lr = None if ess_settings is None else sa.ESSScaledLR(shim, **ess_settings)
-        self.gac_settings = gac_settings
+        self.gac_settings = gac_options
         self.gac: sa.GradientAlignmentControl | None = None
-        self.params = [p for p in engine.module.parameters() if p.requires_grad] if gac_settings is not None else []
+        self.params = [p for p in engine.module.parameters() if p.requires_grad] if gac_options is not None else []
         self._proxies: list[torch.Tensor] = []
         self.last_metrics: dict[str, float] = {}
         optimizer.step = self.step

@@ -82,7 +82,7 @@ from stable_async.correction import RolloutCorrection
 from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
-from stable_async.integrations._options import option_settings
+from stable_async.integrations.options import ess_lr_settings, gac_settings
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
@@ -296,8 +296,8 @@ class StableGRPOTrainer(GRPOTrainer):
         if token_normalizer not in (None, "global", "local"):
             raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
         self._sa_token_normalizer = token_normalizer or normalizer
-        self._sa_ess_lr_settings = option_settings(ess_lr, "ess_lr")
-        self._sa_gac_settings = option_settings(gac, "gac")
+        self._sa_ess_lr_settings = ess_lr_settings(ess_lr)
+        self._sa_gac_settings = gac_settings(gac)
         self._check_supported()
         self._sa_ess_lr: ESSScaledLR | None = None
         self._sa_gac: GradientAlignmentControl | None = None
@@ -307,10 +307,6 @@ class StableGRPOTrainer(GRPOTrainer):
         self._sa_ess_pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sa_loss_cache: dict[Any, tuple[Loss, float]] = {}
         self._sa_topk_rollout: tuple[list[Any], Any, Any] | None = None
-        if self._sa_gac_settings is not None:  # validate now, not at the first step
-            GradientAlignmentControl([torch.zeros(1)], **self._sa_gac_settings)
-        if self._sa_ess_lr_settings is not None:
-            ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._sa_ess_lr_settings)
         self.add_callback(StableAsyncCallback(self))
 
     # ------------------------------------------------------------------ construction
