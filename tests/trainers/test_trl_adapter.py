@@ -33,7 +33,15 @@ from stable_async.integrations.trl import (  # noqa: E402
     StableGRPOTrainer,
 )
 
+TRL_CLIP_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_mean",
+    "clip_ratio/high_max",
+    "clip_ratio/region_mean",
+)
 OUR_METRICS = (
+    *TRL_CLIP_METRICS,
     "stable_async/ess_ratio",
     "stable_async/rollout_logprobs_source",
     "stable_async/rollout_logprobs_unscored_frac",
@@ -80,8 +88,8 @@ def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     assert steps[-1]["stable_async/trl_is_applied"] == (0.0 if reweights else 1.0)
     if topk:  # the top-K divergence was computed from the rollout's top-K and the current policy
         assert steps[-1]["stable_async/dppo/divergence_mean"] > 0
-    if loss_name == "ppo":  # translated names: actor/pg_clipfrac is TRL's clip_ratio/region_mean
-        assert "clip_ratio/region_mean" in steps[-1] and "stable_async/actor/ppo_kl" in steps[-1]
+    if loss_name == "ppo":  # our clip fraction under our name, beside TRL's
+        assert "stable_async/actor/ppo_kl" in steps[-1] and "stable_async/actor/pg_clipfrac" in steps[-1]
         assert "stable_async/rollout_corr/rollout_is_mean" in steps[-1]  # TRL's IS mode, translated
         assert "stable_async/actor/pg_loss" not in steps[-1]  # the Trainer logs `loss` itself
 
@@ -215,6 +223,14 @@ def _loss_and_grads(trainer, inputs):
 def test_default_loss_matches_grpo_trainer(tiny_model, tmp_path, loss_type, extra):
     theirs, ours, inputs = _pair(tiny_model, tmp_path, loss_type=loss_type, **extra)
     _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    # TRL's clip metrics, under TRL's names, equal TRL's on the same inputs (cispo: TRL logs only
+    # the upper clip, as cispo_clip_ratio; sapo: none).
+    logged = {name: ours._metrics["train"][name][-1] for name in TRL_CLIP_METRICS}
+    if loss_type == "cispo":
+        assert logged["clip_ratio/high_mean"] == pytest.approx(theirs._metrics["train"]["cispo_clip_ratio"][-1])
+    elif loss_type != "sapo":
+        assert logged == pytest.approx({name: theirs._metrics["train"][name][-1] for name in TRL_CLIP_METRICS})
+    assert 0 < logged["clip_ratio/region_mean"] < 1  # the stale old log-probs leave the clip range somewhere
 
 
 @pytest.mark.parametrize("mode", ["sequence_mask", "token_truncate"])

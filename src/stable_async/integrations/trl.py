@@ -83,6 +83,18 @@ from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
 from stable_async.integrations.options import ess_lr_settings, gac_settings
+from stable_async.integrations.trl_translation import (
+    PREFIX,
+    TOPK_IDS_KEY,
+    TOPK_KEYS,
+    TOPK_LOGPROBS_KEY,
+    clip_flags,
+    metric_name,
+    pad_topk,
+    step_denominators,
+    trl_equivalent_loss,
+    trl_is_correction,
+)
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
@@ -91,18 +103,9 @@ __all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "TOPK_LOSSES", "StableGRPOTraine
 
 #: Losses that need the rollout engine's top-K log-probs (TRL keeps only the sampled token's).
 TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
-#: ``rollout_func`` output keys for the top-K losses: per completion, one list of K token ids
-#: (resp. K sampler log-probs, after temperature like ``logprobs``) per completion token.
-TOPK_IDS_KEY = "topk_ids"
-TOPK_LOGPROBS_KEY = "topk_logprobs"
-_TOPK_KEYS = (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY)
 # Losses that already weight every token by the rollout policy μ (a second IS weight would double it).
 _REWEIGHTS_BY_ROLLOUT = frozenset({"decoupled_ppo", "vcpo"})
 _DPPO = frozenset({"dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"})
-# Our metric name -> TRL's name for the same quantity (token mean); everything else gets "stable_async/".
-_TRL_METRIC_NAMES = {"actor/pg_clipfrac": "clip_ratio/region_mean"}
-_DROPPED_METRICS = frozenset({"actor/pg_loss"})  # the Trainer already logs the step's `loss`
-_PREFIX = "stable_async/"
 _FORWARD_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -117,94 +120,10 @@ _FORWARD_KEYS = (
 )
 
 
-def trl_equivalent_loss(args: Any) -> tuple[str, dict[str, Any], str]:
-    """The stable-async loss that reproduces a ``GRPOConfig``'s built-in loss.
-
-    Returns ``(name, hyperparameters, token_normalizer)``. Mapping (TRL → stable-async):
-    ``grpo`` → ``ppo`` + ``seq-mean-token-mean``; ``bnpo`` → ``ppo`` + ``token-mean`` with the
-    micro-batch's token count (``"local"``); ``dr_grpo`` → ``ppo`` + ``seq-mean-token-sum-norm``
-    with ``norm_length = max_completion_length``; ``dapo`` → ``ppo`` + ``token-mean`` over the
-    step (``"global"``); ``cispo`` → ``cispo`` with ``eps_low=1``, ``eps_high=epsilon_high − 1``;
-    ``sapo`` → ``sapo`` (τ from ``sapo_temperature_pos/neg``). ``delta`` → ``ratio_cap``;
-    ``importance_sampling_level="sequence"`` → ``gspo`` with the same aggregation.
-    ``luspo`` and ``vespo`` have no equivalent (``ValueError``).
-    """
-    loss_type = args.loss_type
-    eps_low = args.epsilon
-    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    aggregation = {
-        "grpo": "seq-mean-token-mean",
-        "sapo": "seq-mean-token-mean",
-        "bnpo": "token-mean",
-        "dr_grpo": "seq-mean-token-sum-norm",
-        "dapo": "token-mean",
-        "cispo": "token-mean",
-    }.get(loss_type)
-    if aggregation is None:
-        raise ValueError(
-            f"policy_loss: TRL's loss_type={loss_type!r} has no stable-async equivalent; pass policy_loss= "
-            "(a registered name or a Loss) to StableGRPOTrainer"
-        )
-    settings: dict[str, Any] = {"aggregation": aggregation}
-    if loss_type == "dr_grpo":
-        settings["norm_length"] = float(args.max_completion_length)
-    normalizer = "local" if loss_type == "bnpo" else "global"
-    if loss_type == "cispo":
-        return "cispo", {**settings, "eps_low": 1.0, "eps_high": args.epsilon_high - 1.0}, normalizer
-    if loss_type == "sapo":
-        settings.update(tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
-        return "sapo", settings, normalizer
-    if args.importance_sampling_level == "sequence":
-        if args.delta is not None:
-            raise ValueError("delta: two-sided clipping with importance_sampling_level='sequence' has no equivalent")
-        return "gspo", {**settings, "eps_low": eps_low, "eps_high": eps_high}, normalizer
-    return "ppo", {**settings, "eps_low": eps_low, "eps_high": eps_high, "ratio_cap": args.delta}, normalizer
-
-
-def _trl_is_correction(trainer: Any) -> RolloutCorrection:
-    """TRL's vLLM IS mode as the equivalent `RolloutCorrection`."""
-    level, how = trainer.vllm_importance_sampling_mode.split("_")
-    return RolloutCorrection(
-        level=level,
-        mode=how,
-        low=trainer.vllm_importance_sampling_clip_min,
-        high=trainer.vllm_importance_sampling_clip_max,
-    )
-
-
 def _reweights_by_rollout(loss: Loss) -> bool:
     if loss.name in _REWEIGHTS_BY_ROLLOUT:
         return getattr(loss.config, "anchor", "rollout") == "rollout"
     return loss.name in _DPPO and getattr(loss.config, "anchor", "rollout") == "rollout"
-
-
-def _pad_topk(completions: list[Any], ids: Any, logprobs: Any, completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A ``rollout_func``'s per-token top-K lists as (B, T, K) tensors aligned with ``completion_ids``."""
-    for key, value in ((TOPK_IDS_KEY, ids), (TOPK_LOGPROBS_KEY, logprobs)):
-        if not isinstance(value, (list, tuple)) or len(value) != len(completions):
-            raise ValueError(
-                f"rollout_func: {key!r} must be a list with one entry per completion ({len(completions)}) when "
-                f"{list(_TOPK_KEYS)} are returned, got {type(value).__name__}"
-                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
-            )
-    rows, length = completion_ids.shape
-    k = next((len(tok) for row in ids for tok in row), 0)
-    out_ids = torch.zeros(rows, length, k, dtype=torch.long)
-    out_lps = torch.zeros(rows, length, k, dtype=torch.float32)
-    for i, (completion, row_ids, row_lps) in enumerate(zip(completions, ids, logprobs, strict=True)):
-        n = len(completion)
-        if len(row_ids) != n or len(row_lps) != n:
-            raise ValueError(
-                f"rollout_func: completion {i} has {n} tokens but {len(row_ids)} {TOPK_IDS_KEY!r} and "
-                f"{len(row_lps)} {TOPK_LOGPROBS_KEY!r} entries (one list of K per completion token)"
-            )
-        if not n:
-            continue
-        if any(len(tok) != k for tok in row_ids) or any(len(tok) != k for tok in row_lps):
-            raise ValueError(f"rollout_func: every token's top-K must have the same K={k} ids and log-probs")
-        out_ids[i, :n] = torch.as_tensor(row_ids, dtype=torch.long)
-        out_lps[i, :n] = torch.tensor([[math.nan if x is None else float(x) for x in tok] for tok in row_lps])
-    return {TOPK_IDS_KEY: out_ids.to(completion_ids.device), TOPK_LOGPROBS_KEY: out_lps.to(completion_ids.device)}
 
 
 class _StepHook:
@@ -327,7 +246,7 @@ class StableGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"policy_loss: {loss.name!r} needs the rollout policy's top-K log-probs at every token, which TRL's "
                 "own generation does not keep (only the sampled token's log-prob); pass a rollout_func that returns "
-                f"{list(_TOPK_KEYS)}, or use 'dppo_binary_tv' / 'dppo_binary_kl' (see docs/integrations/trl.md)"
+                f"{list(TOPK_KEYS)}, or use 'dppo_binary_tv' / 'dppo_binary_kl' (see docs/integrations/trl.md)"
             )
         return loss, normalizer
 
@@ -433,7 +352,7 @@ class StableGRPOTrainer(GRPOTrainer):
         """
         result = super()._generate(prompts)
         extra = result[5] or {}
-        if any(key in extra for key in _TOPK_KEYS):
+        if any(key in extra for key in TOPK_KEYS):
             self._sa_topk_rollout = (result[1], extra.get(TOPK_IDS_KEY), extra.get(TOPK_LOGPROBS_KEY))
         return result
 
@@ -444,7 +363,7 @@ class StableGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         stash, self._sa_topk_rollout = self._sa_topk_rollout, None
         if stash is not None:
-            output.update(_pad_topk(*stash, output["completion_ids"]))
+            output.update(pad_topk(*stash, output["completion_ids"]))
         return output
 
     def _sa_current_topk(
@@ -457,11 +376,11 @@ class StableGRPOTrainer(GRPOTrainer):
         runs under ``no_grad``: the top-K divergence only decides which tokens the trust region
         masks (the gradient goes through TRL's own log-probs).
         """
-        missing = [key for key in _TOPK_KEYS if inputs.get(key) is None]
+        missing = [key for key in TOPK_KEYS if inputs.get(key) is None]
         if missing:
             raise ValueError(
                 f"policy_loss: {self._sa_loss.name!r} needs the rollout policy's top-K at every completion token, "
-                f"but the inputs lack {missing}: the rollout_func must return {list(_TOPK_KEYS)} (per completion, "
+                f"but the inputs lack {missing}: the rollout_func must return {list(TOPK_KEYS)} (per completion, "
                 "per token, K token ids and the sampler's log-probs at them, the sampled token included); see "
                 "docs/integrations/trl.md"
             )
@@ -489,7 +408,7 @@ class StableGRPOTrainer(GRPOTrainer):
             correction = self._sa_correction
         elif self._sa_correction is None and self._sa_loss.config.correction is None and trl_is_on:
             # TRL's IS mode, translated; unless the loss already weights by the rollout policy.
-            correction = None if _reweights_by_rollout(self._sa_loss) else _trl_is_correction(self)
+            correction = None if _reweights_by_rollout(self._sa_loss) else self._sa_trl_is_correction()
         loss = self._sa_loss
         if correction is not None:
             loss = get_loss(loss.name, config=dataclasses.replace(loss.config, correction=correction))
@@ -497,102 +416,125 @@ class StableGRPOTrainer(GRPOTrainer):
         self._sa_loss_cache[key] = (loss, translated)
         return loss, translated
 
+    def _sa_trl_is_correction(self) -> RolloutCorrection:
+        return trl_is_correction(
+            self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_min,
+            self.vllm_importance_sampling_clip_max,
+        )
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        """TRL's loss hook: TRL's forward and batch, our loss, TRL's metric sink."""
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
-            completion_ids.size(1),
+            inputs["completion_ids"].size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
-        mode = "train" if self.model.training else "eval"
-        valid = mask.bool()
-
-        old = inputs.get("old_per_token_logps")
-        old = per_token_logps.detach() if old is None else old
-        sampling = inputs.get("sampling_per_token_logps")
         metrics: dict[str, float] = {}
+        batch = self._sa_policy_batch(inputs, logps, mask, mode, metrics)
+        if self._sa_loss.name in TOPK_LOSSES:
+            topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
+            batch = dataclasses.replace(batch, **topk)
+        loss_fn, translated = self._sa_loss_for(bool(self.use_vllm and self.vllm_importance_sampling_correction))
+        out = loss_fn(batch)
+        metrics[PREFIX + "trl_is_applied"] = translated
+        metrics.update(out.metrics)
+        loss = out.loss
+        if self.beta != 0.0:
+            loss = loss + self._sa_kl_term(inputs, batch, loss_fn, mask, mode)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / self._sa_accumulation(mode)
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, batch.mask))
+        self._sa_log_clip_ratios(batch, inputs["advantages"], loss_fn, mode)
+        if mode == "train":
+            self._sa_record_ess(batch, metrics)
+        self._sa_log(metrics, mode, gather=True)
+        return loss
+
+    def _sa_accumulation(self, mode: str) -> int:
+        """Micro-batches in this optimizer step (set by the Trainer; the last step of an epoch may be shorter)."""
+        if mode != "train":
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _sa_policy_batch(
+        self, inputs: Mapping[str, Any], logps: torch.Tensor, mask: torch.Tensor, mode: str, metrics: dict[str, float]
+    ) -> PolicyBatch:
+        """TRL's tensors as a `PolicyBatch` (old / rollout log-probs by TRL's rules, GA-scaled global counts)."""
+        valid = mask.bool()
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        sampling = inputs.get("sampling_per_token_logps")
         if sampling is not None:
             unscored = torch.isnan(sampling)
             rollout = torch.where(unscored, old.to(sampling.dtype), sampling)
-            metrics[_PREFIX + "rollout_logprobs_unscored_frac"] = float((unscored & valid).sum()) / max(
-                float(valid.sum()), 1.0
-            )
-            metrics[_PREFIX + "rollout_logprobs_source"] = 1.0
+            scored_frac = float((unscored & valid).sum()) / max(float(valid.sum()), 1.0)
+            metrics[PREFIX + "rollout_logprobs_unscored_frac"] = scored_frac
         else:
             rollout = old
-            metrics[_PREFIX + "rollout_logprobs_source"] = 0.0
-
-        # Global counts: the loss is scaled for gradient accumulation the way TRL's is.
+        metrics[PREFIX + "rollout_logprobs_source"] = float(sampling is not None)
         processes = self.accelerator.num_processes
-        # Set by the Trainer per optimizer step (the last step of an epoch may be shorter).
-        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        accumulation = steps if mode == "train" else 1
-        if self._sa_token_normalizer == "global":
-            tokens = float(inputs["num_items_in_batch"])
-            if mode == "train":
-                tokens = tokens * accumulation / self.args.steps_per_generation
-        else:
-            tokens = float(valid.sum()) * accumulation * processes
-        topk = {}
-        if self._sa_loss.name in TOPK_LOSSES:
-            topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
-        batch = PolicyBatch(
-            logprobs=per_token_logps,
+        tokens, seqs = step_denominators(
+            normalizer=self._sa_token_normalizer,
+            num_items_in_batch=float(inputs["num_items_in_batch"]),
+            valid_tokens=float(valid.sum()),
+            rows=valid.shape[0],
+            accumulation=self._sa_accumulation(mode),
+            steps_per_generation=self.args.steps_per_generation,
+            processes=processes,
+            training=mode == "train",
+        )
+        return PolicyBatch(
+            logprobs=logps,
             advantages=inputs["advantages"],
             mask=valid,
             old_logprobs=old,
             rollout_logprobs=rollout,
             global_num_tokens=tokens,
-            global_num_seqs=float(valid.shape[0] * accumulation * processes),
+            global_num_seqs=seqs,
             dp_size=processes,
-            **topk,
         )
-        trl_is_on = bool(self.use_vllm and self.vllm_importance_sampling_correction)
-        loss_fn, translated = self._sa_loss_for(trl_is_on)
-        out = loss_fn(batch)
-        loss = out.loss
-        metrics[_PREFIX + "trl_is_applied"] = translated
-        metrics.update(out.metrics)
 
-        if self.beta != 0.0:
-            per_token_kl = k3(inputs["ref_per_token_logps"], per_token_logps)
-            if self.args.use_bias_correction_kl:  # TRL's own KL weighting (its default), reproduced as TRL does it
-                log_ratio = per_token_logps - batch.old_logprobs
-                if self.importance_sampling_level == "sequence":
-                    log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-                per_token_kl = per_token_kl * torch.exp(log_ratio)
-            loss = loss + self.beta * aggregate(
-                per_token_kl,
-                valid,
-                loss_fn.config.aggregation,
-                global_num_tokens=batch.global_num_tokens,
-                global_num_seqs=batch.global_num_seqs,
-                dp_size=batch.dp_size,
-                norm_length=loss_fn.config.norm_length,
-            )
-            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl.detach(), valid))
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, valid))
+    def _sa_kl_term(
+        self, inputs: Mapping[str, Any], batch: PolicyBatch, loss_fn: Loss, mask: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """β · k3(ref, π_θ) per token (× TRL's π_θ/π_old with ``use_bias_correction_kl``), aggregated like the loss."""
+        per_token_kl = k3(inputs["ref_per_token_logps"], batch.logprobs)
+        if self.args.use_bias_correction_kl:  # TRL's own KL weighting (its default), reproduced as TRL does it
+            log_ratio = batch.logprobs - batch.old_logprobs
+            if self.importance_sampling_level == "sequence":
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+            per_token_kl = per_token_kl * torch.exp(log_ratio)
+        self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl.detach(), batch.mask))
+        return self.beta * aggregate(
+            per_token_kl,
+            batch.mask,
+            loss_fn.config.aggregation,
+            global_num_tokens=batch.global_num_tokens,
+            global_num_seqs=batch.global_num_seqs,
+            dp_size=batch.dp_size,
+            norm_length=loss_fn.config.norm_length,
+        )
 
-        if mode == "train":
-            self._sa_ess_pieces.append((per_token_logps.detach() - rollout.to(per_token_logps.dtype), valid))
-            if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
-                ess = self._sa_step_ess()
-                metrics[_PREFIX + "ess_ratio"] = ess.ess_ratio
-                if self._sa_ess_lr is not None:
-                    self._sa_ess_lr.set_ess_ratio(ess.ess_ratio)
-        self._sa_log(metrics, mode, gather=True)
-        return loss
+    def _sa_record_ess(self, batch: PolicyBatch, metrics: dict[str, float]) -> None:
+        """Keep this micro-batch's log-weights; at the step's last one, stage the step's ESS on ESS-LR."""
+        log_w = batch.logprobs.detach() - batch.rollout_logprobs.to(batch.logprobs.dtype)
+        self._sa_ess_pieces.append((log_w, batch.mask))
+        if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
+            ess = self._sa_step_ess()
+            metrics[PREFIX + "ess_ratio"] = ess.ess_ratio
+            if self._sa_ess_lr is not None:
+                self._sa_ess_lr.set_ess_ratio(ess.ess_ratio)
 
     def _sa_step_ess(self) -> Any:
         """Sequence-level ESS of log π_θ − log μ over every micro-batch of the step, all ranks."""
@@ -603,6 +545,34 @@ class StableGRPOTrainer(GRPOTrainer):
         return effective_sample_size(log_w, mask, level="sequence")
 
     # ------------------------------------------------------------------ metrics
+    def _sa_log_clip_ratios(self, batch: PolicyBatch, advantages: torch.Tensor, loss_fn: Loss, mode: str) -> None:
+        """TRL's ``clip_ratio/{low_mean,low_min,high_mean,high_max,region_mean}``, reduced as TRL reduces them.
+
+        The ratio is TRL's (π_θ/π_old at ``importance_sampling_level``); ε and the cap are the loss's own
+        (``eps_low``, ``eps_high``, ``ratio_cap``) when its config has them, else TRL's ``epsilon*`` / ``delta``.
+        """
+        config = loss_fn.config
+        has_eps = hasattr(config, "eps_low") and hasattr(config, "eps_high")
+        low, high = clip_flags(
+            batch.logprobs.detach() - batch.old_logprobs,
+            advantages,
+            batch.mask,
+            eps_low=config.eps_low if has_eps else self.epsilon_low,
+            eps_high=config.eps_high if has_eps else self.epsilon_high,
+            level=self.importance_sampling_level,
+            ratio_cap=getattr(config, "ratio_cap", None) if has_eps else self.args.delta,
+        )
+        per_row = low.shape[1] == 1
+        mask = torch.ones_like(low) if per_row else batch.mask
+        sink = self._metrics[mode]
+        for name, flags in (("low_mean", low), ("high_mean", high), ("region_mean", low | high)):
+            sink[f"clip_ratio/{name}"].append(self._global_masked_mean(flags.float(), mask))
+        for name, flags, reduce in (("low_min", low, torch.min), ("high_max", high, torch.max)):
+            per_seq = flags.float().squeeze(1) if per_row else (flags * mask).sum(-1) / mask.sum(-1)
+            gathered = self.accelerator.gather(per_seq)
+            finite = gathered[~torch.isnan(gathered)]
+            sink[f"clip_ratio/{name}"].append(reduce(finite).item() if finite.numel() else math.nan)
+
     def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
         totals = torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])
         totals = self.accelerator.reduce(totals, reduction="sum")
@@ -612,10 +582,10 @@ class StableGRPOTrainer(GRPOTrainer):
         """Append metrics to TRL's ``self._metrics[mode]`` under translated names (rank mean if ``gather``)."""
         names, values = [], []
         for name, value in metrics.items():
-            if name in _DROPPED_METRICS:
-                continue
-            names.append(_TRL_METRIC_NAMES.get(name, name if name.startswith(_PREFIX) else _PREFIX + name))
-            values.append(float(value))
+            translated = metric_name(name)
+            if translated is not None:
+                names.append(translated)
+                values.append(float(value))
         if not names:
             return
         if gather and self.accelerator.num_processes > 1:
