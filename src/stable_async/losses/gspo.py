@@ -67,7 +67,7 @@ def _sequence_log_ratio(batch: PolicyBatch) -> torch.Tensor:
     return sequence_log_ratio(batch.logprobs - batch.old_logprobs, batch.mask, mean=True)
 
 
-@register_loss("gspo", config=GSPOConfig)
+@register_loss("gspo", config=GSPOConfig, requires={"old_logprobs"})
 def gspo(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO with the gradient through the sequence ratio (see module docstring)."""
     if config.compile:
@@ -78,7 +78,7 @@ def gspo(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     return _clipped_surrogate(batch, config, log_s)
 
 
-@register_loss("gspo_token", config=GSPOConfig)
+@register_loss("gspo_token", config=GSPOConfig, requires={"old_logprobs"})
 def gspo_token(batch: PolicyBatch, config: GSPOConfig) -> LossOutput:
     """GSPO-token: value s_i, gradient s_i·∇log π_θ(a_t) per token (see module docstring)."""
     if batch.advantages.requires_grad:

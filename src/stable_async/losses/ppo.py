@@ -84,7 +84,7 @@ def clipped_surrogate(
     return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
 
 
-@register_loss("ppo", config=PPOConfig)
+@register_loss("ppo", config=PPOConfig, requires={"old_logprobs"})
 def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     """PPO-clip (see module docstring)."""
     if not batch.advantages.requires_grad:
