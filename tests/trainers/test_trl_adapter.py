@@ -29,7 +29,6 @@ pytest.importorskip("datasets")
 from stable_async.integrations.trl import (  # noqa: E402
     TOPK_IDS_KEY,
     TOPK_LOGPROBS_KEY,
-    TOPK_LOSSES,
     StableGRPOTrainer,
 )
 
@@ -42,7 +41,7 @@ TRL_CLIP_METRICS = (
 )
 OUR_METRICS = (
     *TRL_CLIP_METRICS,
-    "stable_async/ess_ratio",
+    "stable_async/vcpo/ess_ratio",
     "stable_async/rollout_logprobs_source",
     "stable_async/rollout_logprobs_unscored_frac",
     "stable_async/trl_is_applied",
@@ -66,7 +65,7 @@ def _quiet(monkeypatch):
 @pytest.mark.parametrize("loss_name", sa.available_losses())
 def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     kwargs = {"policy_loss": loss_name, "ess_lr": True, "gac": True}
-    topk = 4 if loss_name in TOPK_LOSSES else 0
+    topk = 4 if loss_name.startswith("dppo_topk") else 0
     trainer = make_trainer(
         StableGRPOTrainer, tiny_model, tmp_path, vllm=True, nan_every=5, topk=topk, trainer_kwargs=kwargs
     )
@@ -78,7 +77,7 @@ def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
         assert name in steps[-1], name
     assert steps[-1]["stable_async/rollout_logprobs_source"] == 1.0
     assert steps[-1]["stable_async/rollout_logprobs_unscored_frac"] > 0
-    assert 0 < steps[-1]["stable_async/ess_ratio"] <= 1
+    assert 0 < steps[-1]["stable_async/vcpo/ess_ratio"] <= 1
     assert "stable_async/gac/cos" in steps[-1]  # defined from the second step on
     assert isinstance(trainer._sa_ess_lr, sa.ESSScaledLR) and trainer._sa_ess_lr.num_steps == 3
     moved = any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
@@ -152,11 +151,52 @@ def test_topk_loss_without_rollout_func_fails_at_construction(tiny_model, tmp_pa
 def test_without_sampler_logprobs_old_logprobs_stand_in(tiny_model, tmp_path):
     trainer = make_trainer(StableGRPOTrainer, tiny_model, tmp_path, max_steps=1, trainer_kwargs={"policy_loss": "vcpo"})
     trainer.model.train()
+    trainer.create_optimizer()
     inputs = trainer._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
     inputs.pop("sampling_per_token_logps")  # what TRL holds with transformers generation (no vLLM)
-    trainer._compute_loss(trainer.model, inputs)
+    trainer._compute_loss(trainer.model, inputs).backward()
     assert trainer._metrics["train"]["stable_async/rollout_logprobs_source"][-1] == 0.0
-    assert trainer._metrics["train"]["stable_async/ess_ratio"][-1] == pytest.approx(1.0)
+    trainer.optimizer.step()  # without ess_lr the ESS is measured, the LR is not scaled
+    assert trainer._metrics["train"]["stable_async/vcpo/ess_ratio"][-1] == pytest.approx(1.0)
+    assert trainer._metrics["train"]["stable_async/vcpo/lr_scale"][-1] == 1.0
+
+
+def test_two_trainers_in_one_process_step_with_their_own_ess(tiny_model, tmp_path):
+    """Interleaved micro-batches of two trainers: each step reduces its own records only."""
+    trainers = {
+        "on_policy": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "a", trainer_kwargs={"ess_lr": True}),
+        "stale": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "b", vllm=True, trainer_kwargs={"ess_lr": True}),
+    }
+    batches = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        trainer.create_optimizer()
+        batches[name] = trainer._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
+    batches["on_policy"].pop("sampling_per_token_logps")  # μ = π_θ: ESS/N = 1
+    inputs = batches["stale"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainers["stale"]._get_per_token_logps_and_entropies(
+            trainers["stale"].model, ids, attention, inputs["completion_ids"].size(1)
+        )
+    mu = torch.where(torch.isnan(inputs["sampling_per_token_logps"]), logps, inputs["sampling_per_token_logps"])
+    expected = sa.effective_sample_size(logps - mu, inputs["completion_mask"].bool()).ess_ratio
+    assert expected < 0.99
+    for _ in range(3):  # gradient accumulation, the two trainers' micro-batches interleaved
+        for name, trainer in trainers.items():
+            trainer._compute_loss(trainer.model, dict(batches[name])).backward()
+    for trainer in trainers.values():
+        trainer.optimizer.step()
+    logged = {name: t._metrics["train"]["stable_async/vcpo/ess_ratio"] for name, t in trainers.items()}
+    assert logged["on_policy"] == [pytest.approx(1.0)]  # one step, one value: nothing of the other trainer
+    assert logged["stale"] == [pytest.approx(expected, rel=1e-5)]
+    assert trainers["stale"]._metrics["train"]["stable_async/vcpo/ess_missing"] == [0.0]
+    # Bounded memory: the accumulator is a fixed vector, whatever the number of micro-batches.
+    acc = trainers["stale"]._sa_accumulator
+    for _ in range(20):
+        trainers["stale"]._compute_loss(trainers["stale"].model, dict(inputs))
+    assert acc.num_records == 20 and acc.state.numel() == len(sa.optim.accumulator.STATISTICS)
 
 
 def test_lora_only_adapter_params_in_gac_and_ess_lr(tiny_model, tmp_path):
@@ -326,13 +366,16 @@ def test_deepspeed_hook_runs_gac_and_ess_lr_inside_the_engine_step(tiny_model, t
     engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=sgd), zero_optimization_stage=lambda: 2)
     trainer.install_deepspeed_hooks(engine)
     assert trainer._sa_ds_hooked
-    trainer._sa_ess_lr.set_ess_ratio(0.25)  # what _compute_loss stages at the last micro-batch
+    # What _compute_loss records: four sequences, one carrying all the weight (ESS = 1 of N = 4).
+    log_w = torch.tensor([[0.0], [-60.0], [-60.0], [-60.0]])
+    trainer._sa_accumulator.record_log_weights(log_w)
     param.grad = torch.ones(3)
     sgd.step()  # DeepSpeed calls this inside engine.step()
-    torch.testing.assert_close(param.detach(), torch.full((3,), 0.5))  # lr 1.0 · sqrt(0.25)
+    torch.testing.assert_close(param.detach(), torch.full((3,), 0.5))  # lr 1.0 · sqrt(ESS/N = 0.25)
     assert sgd.param_groups[0]["lr"] == 1.0
     assert trainer._metrics["train"]["stable_async/gac/grad_norm"][-1] == pytest.approx(math.sqrt(3))
     assert trainer._metrics["train"]["stable_async/vcpo/lr_scale"][-1] == pytest.approx(0.5)
+    assert trainer._sa_accumulator.num_records == 0  # cleared by its own step
 
 
 def test_gac_skip_cancels_the_trainer_step(tiny_model, tmp_path):

@@ -79,10 +79,10 @@ from trl import GRPOTrainer
 from stable_async.aggregate import aggregate
 from stable_async.batch import PolicyBatch
 from stable_async.correction import RolloutCorrection
-from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
 from stable_async.integrations.options import ess_lr_settings, gac_settings
+from stable_async.integrations.stepping import SteppedOptimizer
 from stable_async.integrations.trl_translation import (
     PREFIX,
     TOPK_IDS_KEY,
@@ -95,17 +95,12 @@ from stable_async.integrations.trl_translation import (
     trl_equivalent_loss,
     trl_is_correction,
 )
-from stable_async.optim.ess_lr import ESSScaledLR
+from stable_async.optim.accumulator import StepAccumulator
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
 
-__all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "TOPK_LOSSES", "StableGRPOTrainer", "trl_equivalent_loss"]
+__all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "StableGRPOTrainer", "trl_equivalent_loss"]
 
-#: Losses that need the rollout engine's top-K log-probs (TRL keeps only the sampled token's).
-TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
-# Losses that already weight every token by the rollout policy μ (a second IS weight would double it).
-_REWEIGHTS_BY_ROLLOUT = frozenset({"decoupled_ppo", "vcpo"})
-_DPPO = frozenset({"dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"})
 _FORWARD_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -120,14 +115,8 @@ _FORWARD_KEYS = (
 )
 
 
-def _reweights_by_rollout(loss: Loss) -> bool:
-    if loss.name in _REWEIGHTS_BY_ROLLOUT:
-        return getattr(loss.config, "anchor", "rollout") == "rollout"
-    return loss.name in _DPPO and getattr(loss.config, "anchor", "rollout") == "rollout"
-
-
 class _StepHook:
-    """Stands in for an optimizer inside `ESSScaledLR`: its ``param_groups`` and its original ``step``."""
+    """Stands in for an optimizer inside `SteppedOptimizer`: its ``param_groups`` and its original ``step``."""
 
     def __init__(self, optimizer: Any, step: Callable[..., Any]) -> None:
         self._optimizer = optimizer
@@ -145,7 +134,7 @@ class _StepHook:
 
 
 class StableAsyncCallback(TrainerCallback):
-    """Runs GAC at ``on_pre_optimizer_step`` and logs the ESS-LR / GAC metrics (added by the trainer)."""
+    """Installs the DeepSpeed step hook at ``on_train_begin`` (without DeepSpeed, the optimizer is wrapped)."""
 
     def __init__(self, trainer: StableGRPOTrainer) -> None:
         self.trainer = trainer
@@ -153,15 +142,6 @@ class StableAsyncCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.is_deepspeed_enabled and not self.trainer._sa_ds_hooked:
             self.trainer.install_deepspeed_hooks()
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trainer._sa_ds_hooked:  # the step already ran inside accelerator.backward
-            return
-        self.trainer._sa_before_step()
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self.trainer._sa_ds_hooked:
-            self.trainer._sa_after_step()
 
 
 class StableGRPOTrainer(GRPOTrainer):
@@ -218,12 +198,9 @@ class StableGRPOTrainer(GRPOTrainer):
         self._sa_ess_lr_settings = ess_lr_settings(ess_lr)
         self._sa_gac_settings = gac_settings(gac)
         self._check_supported()
-        self._sa_ess_lr: ESSScaledLR | None = None
-        self._sa_gac: GradientAlignmentControl | None = None
-        self._sa_skip_next_step = False
-        self._sa_skipped = False  # the last step was cancelled by GAC (no ESS-LR metrics then)
+        self._sa_accumulator = StepAccumulator()  # this trainer's micro-batches of the current step
+        self._sa_stepper: SteppedOptimizer | None = None
         self._sa_ds_hooked = False
-        self._sa_ess_pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sa_loss_cache: dict[Any, tuple[Loss, float]] = {}
         self._sa_topk_rollout: tuple[list[Any], Any, Any] | None = None
         self.add_callback(StableAsyncCallback(self))
@@ -242,7 +219,7 @@ class StableGRPOTrainer(GRPOTrainer):
             loss, normalizer = get_loss(policy_loss, **dict(loss_kwargs or {})), "global"
         else:
             raise TypeError(f"policy_loss: expected a loss name, a stable_async.Loss or None, got {policy_loss!r}")
-        if loss.name in TOPK_LOSSES and self.rollout_func is None:
+        if loss.needs_topk and self.rollout_func is None:
             raise ValueError(
                 f"policy_loss: {loss.name!r} needs the rollout policy's top-K log-probs at every token, which TRL's "
                 "own generation does not keep (only the sampled token's log-prob); pass a rollout_func that returns "
@@ -260,87 +237,62 @@ class StableGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_enabled:
             raise ValueError("entropy_coef: the entropy bonus is not supported by StableGRPOTrainer; set it to 0")
 
+    @property
+    def _sa_gac(self) -> GradientAlignmentControl | None:
+        return None if self._sa_stepper is None else self._sa_stepper.gac
+
+    @property
+    def _sa_ess_lr(self) -> SteppedOptimizer | None:
+        return self._sa_stepper
+
+    def _sa_wrap(self, optimizer: Any, sharded: Callable[[], bool] | None = None) -> SteppedOptimizer:
+        self._sa_stepper = SteppedOptimizer(
+            optimizer,
+            self._sa_accumulator,
+            ess_lr=self._sa_ess_lr_settings,
+            gac=self._sa_gac_settings,
+            on_metrics=lambda metrics: self._sa_log(metrics, "train", gather=False),
+            sharded=sharded,
+        )
+        return self._sa_stepper
+
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-        """TRL's optimizer, wrapped in `ESSScaledLR` when ``ess_lr`` is on; GAC over the trainable params."""
+        """TRL's optimizer, wrapped so that each ``step()`` is our `StableStep` (GAC, skip, ESS-scaled LR).
+
+        GAC sees the optimizer's parameters (the trainable ones: LoRA adapters only with PEFT).
+        """
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self._sa_ess_lr_settings is not None and not isinstance(optimizer, ESSScaledLR):
-            optimizer = ESSScaledLR(optimizer, **self._sa_ess_lr_settings)
+        if not isinstance(optimizer, SteppedOptimizer):
+            optimizer = self._sa_wrap(optimizer)
             self.optimizer = optimizer
-        if isinstance(optimizer, ESSScaledLR):
-            self._sa_ess_lr = optimizer
-        if self._sa_gac_settings is not None and self._sa_gac is None and not self.is_deepspeed_enabled:
-            params = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self._sa_gac = GradientAlignmentControl(params, **self._sa_gac_settings)
-            self._sa_gate(optimizer)
         return optimizer
-
-    def _sa_gate(self, optimizer: Any) -> None:
-        """Let GAC's skip decision cancel the next ``optimizer.step()`` (the Trainer always calls it)."""
-        inner = optimizer.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self._sa_skip_next_step:
-                self._sa_skip_next_step, self._sa_skipped = False, True
-                return None
-            return inner(*args, **kwargs)
-
-        optimizer.step = step
 
     def install_deepspeed_hooks(self, engine: Any = None) -> None:
         """Run GAC and the ESS-scaled step inside the DeepSpeed engine's optimizer step.
 
-        Under DeepSpeed, ``accelerator.backward`` runs ``engine.step()`` at the last micro-batch, so the
-        Trainer's ``on_pre_optimizer_step`` comes too late. This wraps the *torch* optimizer DeepSpeed
-        steps (``engine.optimizer.optimizer`` for ZeRO / bf16 wrappers, else ``engine.optimizer``):
-        there the gradients are reduced, unscaled and clipped, and under ZeRO each rank holds a disjoint
-        fp32 partition (GAC then all-reduces its sums: ``sharded=True``). Called automatically at
-        ``on_train_begin`` when DeepSpeed is enabled. Untested against a real DeepSpeed engine (no GPU
-        in CI); the hook itself is tested on a plain torch optimizer.
+        Under DeepSpeed, ``accelerate.backward`` runs ``engine.step()`` at the last micro-batch, so the
+        Trainer's own ``optimizer.step()`` comes too late. DeepSpeed steps a *torch* optimizer
+        (``engine.optimizer.optimizer`` for ZeRO / bf16 wrappers, else ``engine.optimizer``): there the
+        gradients are reduced, unscaled and clipped, and under ZeRO each rank holds a disjoint fp32
+        partition (GAC then all-reduces its sums: ``sharded=True``). When that optimizer is the one
+        ``create_optimizer`` wrapped, it already steps through `StableStep`; otherwise its ``step`` is
+        replaced by one. Called automatically at ``on_train_begin`` when DeepSpeed is enabled. Untested
+        against a real DeepSpeed engine (no GPU in CI); the hook itself is tested on a plain torch optimizer.
         """
         engine = engine if engine is not None else self.model_wrapped
         outer = engine.optimizer
         base = getattr(outer, "optimizer", outer)
-        if isinstance(base, ESSScaledLR):  # create_optimizer's wrapper became DeepSpeed's base optimizer
-            ess, inner = base, base.optimizer
-        else:
-            ess, inner = None, base
-        original = base.step
-        if ess is None and self._sa_ess_lr_settings is not None:
-            ess = ESSScaledLR(_StepHook(inner, original), **self._sa_ess_lr_settings)
-        self._sa_ess_lr = ess
         stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self._sa_gac_settings is not None and self._sa_gac is None:
-                params = [p for group in inner.param_groups for p in group["params"]]
-                sharded = stage >= 1 and world_size() > 1
-                self._sa_gac = GradientAlignmentControl(params, sharded=sharded, **self._sa_gac_settings)
-            self._sa_before_step()
-            if self._sa_skip_next_step:
-                self._sa_skip_next_step, self._sa_skipped = False, True
-                result = None
-            else:
-                result = ess.step() if ess is not None and ess is not base else original(*args, **kwargs)
-            self._sa_after_step()
-            return result
+        def sharded() -> bool:
+            return stage >= 1 and world_size() > 1
 
-        base.step = step
+        if isinstance(base, SteppedOptimizer):
+            base.sharded = sharded
+        else:
+            stepper = self._sa_wrap(_StepHook(base, base.step), sharded=sharded)
+            base.step = stepper.step
         self._sa_ds_hooked = True
-
-    # ------------------------------------------------------------------ optimizer-side steps
-    def _sa_before_step(self) -> None:
-        if self._sa_gac is None:
-            return
-        metrics = self._sa_gac.apply()
-        self._sa_skip_next_step = self._sa_gac.should_skip
-        self._sa_log(metrics, "train", gather=False)
-
-    def _sa_after_step(self) -> None:
-        if self._sa_skipped:
-            self._sa_skipped = False
-            return
-        if self._sa_ess_lr is not None and self._sa_ess_lr.last_metrics:
-            self._sa_log(self._sa_ess_lr.last_metrics, "train", gather=False)
 
     # ------------------------------------------------------------------ the rollout's top-K
     def _generate(self, prompts: list) -> Any:
@@ -408,7 +360,7 @@ class StableGRPOTrainer(GRPOTrainer):
             correction = self._sa_correction
         elif self._sa_correction is None and self._sa_loss.config.correction is None and trl_is_on:
             # TRL's IS mode, translated; unless the loss already weights by the rollout policy.
-            correction = None if _reweights_by_rollout(self._sa_loss) else self._sa_trl_is_correction()
+            correction = None if self._sa_loss.weights_by_rollout else self._sa_trl_is_correction()
         loss = self._sa_loss
         if correction is not None:
             loss = get_loss(loss.name, config=dataclasses.replace(loss.config, correction=correction))
@@ -441,7 +393,7 @@ class StableGRPOTrainer(GRPOTrainer):
         )
         metrics: dict[str, float] = {}
         batch = self._sa_policy_batch(inputs, logps, mask, mode, metrics)
-        if self._sa_loss.name in TOPK_LOSSES:
+        if self._sa_loss.needs_topk:
             topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
             batch = dataclasses.replace(batch, **topk)
         loss_fn, translated = self._sa_loss_for(bool(self.use_vllm and self.vllm_importance_sampling_correction))
@@ -456,8 +408,8 @@ class StableGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, batch.mask))
         self._sa_log_clip_ratios(batch, inputs["advantages"], loss_fn, mode)
-        if mode == "train":
-            self._sa_record_ess(batch, metrics)
+        if mode == "train":  # the step's ESS is reduced by this trainer's optimizer step
+            self._sa_accumulator.record(batch)
         self._sa_log(metrics, mode, gather=True)
         return loss
 
@@ -525,24 +477,6 @@ class StableGRPOTrainer(GRPOTrainer):
             dp_size=batch.dp_size,
             norm_length=loss_fn.config.norm_length,
         )
-
-    def _sa_record_ess(self, batch: PolicyBatch, metrics: dict[str, float]) -> None:
-        """Keep this micro-batch's log-weights; at the step's last one, stage the step's ESS on ESS-LR."""
-        log_w = batch.logprobs.detach() - batch.rollout_logprobs.to(batch.logprobs.dtype)
-        self._sa_ess_pieces.append((log_w, batch.mask))
-        if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
-            ess = self._sa_step_ess()
-            metrics[PREFIX + "ess_ratio"] = ess.ess_ratio
-            if self._sa_ess_lr is not None:
-                self._sa_ess_lr.set_ess_ratio(ess.ess_ratio)
-
-    def _sa_step_ess(self) -> Any:
-        """Sequence-level ESS of log π_θ − log μ over every micro-batch of the step, all ranks."""
-        pieces, self._sa_ess_pieces = self._sa_ess_pieces, []
-        length = max(lw.shape[1] for lw, _ in pieces)
-        log_w = torch.cat([torch.nn.functional.pad(lw, (0, length - lw.shape[1])) for lw, _ in pieces])
-        mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
-        return effective_sample_size(log_w, mask, level="sequence")
 
     # ------------------------------------------------------------------ metrics
     def _sa_log_clip_ratios(self, batch: PolicyBatch, advantages: torch.Tensor, loss_fn: Loss, mode: str) -> None:
