@@ -163,9 +163,10 @@ def test_without_sampler_logprobs_old_logprobs_stand_in(tiny_model, tmp_path):
 
 def test_two_trainers_in_one_process_step_with_their_own_ess(tiny_model, tmp_path):
     """Interleaved micro-batches of two trainers: each step reduces its own records only."""
+    options = {"trainer_kwargs": {"ess_lr": True}}
     trainers = {
-        "on_policy": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "a", trainer_kwargs={"ess_lr": True}),
-        "stale": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "b", vllm=True, trainer_kwargs={"ess_lr": True}),
+        "on_policy": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "a", **options),
+        "stale": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "b", vllm=True, **options),
     }
     batches = {}
     for name, trainer in trainers.items():
