@@ -134,7 +134,7 @@ def main() -> None:
         )
         trainer.train()
 
-    shown = ("loss", "reward", "stable_async/ess_ratio", "stable_async/vcpo/lr_scale", "stable_async/gac/cos")
+    shown = ("loss", "reward", "stable_async/vcpo/ess_ratio", "stable_async/vcpo/lr_scale", "stable_async/gac/cos")
     print(f"\n{'step':>4}  " + "  ".join(f"{name.removeprefix('stable_async/'):>14}" for name in shown))
     for record in trainer.state.log_history:
         if "loss" in record:

@@ -309,9 +309,12 @@ class StableGRPOTrainer(GRPOTrainer):
         return result
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's batch, plus ``topk_ids`` (B, T, K) int64 / ``topk_logprobs`` (B, T, K) fp32 when the
-        ``rollout_func`` returned them (padding positions: id 0, log-prob 0; masked by the loss)."""
+        """A new rollout batch (GAC is told): TRL's batch, plus ``topk_ids`` (B, T, K) int64 /
+        ``topk_logprobs`` (B, T, K) fp32 when the ``rollout_func`` returned them (padding positions:
+        id 0, log-prob 0; masked by the loss)."""
         self._sa_topk_rollout = None
+        if self.model.training and self._sa_stepper is not None:
+            self._sa_stepper.new_rollout_batch()  # TRL reuses it num_iterations × steps_per_generation / GA steps
         output = super()._generate_and_score_completions(inputs)
         stash, self._sa_topk_rollout = self._sa_topk_rollout, None
         if stash is not None:
