@@ -35,14 +35,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback
-from trl import GRPOConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_tiny_offline import tiny_model  # noqa: E402
+from train_tiny_offline import PROMPTS, tiny_grpo_config, tiny_model
 
-import stable_async as sa  # noqa: E402
-from stable_async.integrations.stepping import SteppedOptimizer  # noqa: E402
-from stable_async.integrations.trl import StableGRPOTrainer  # noqa: E402
+import stable_async as sa
+from stable_async.integrations.stepping import SteppedOptimizer
+from stable_async.integrations.trl import StableGRPOTrainer
 
 PROJECT = 1.0  # gac/action of a projected step
 
@@ -71,27 +70,11 @@ def reward_even_words(completions: list[str], **kwargs) -> list[float]:
 
 
 def trl_run(path: str, tokenizer, out: str, steps: int, control: bool) -> dict[str, float]:
-    args = GRPOConfig(
-        output_dir=out,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        num_iterations=2,
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-4,
-        disable_tqdm=True,
-        seed=0,
-    )
     trainer = StableGRPOTrainer(
         model=path,
         reward_funcs=reward_even_words,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"] * 64}),
+        args=tiny_grpo_config(out, steps, num_iterations=2, learning_rate=1e-4),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 64}),
         processing_class=tokenizer,
         gac=True,
     )
