@@ -42,6 +42,8 @@ class SteppedOptimizer(ESSScaledLR):
             the wrapped optimizer steps), with ``sharded`` from ``sharded()`` when given.
         on_metrics: called with each step's metrics (``gac/*``, ``vcpo/*``).
         sharded: returns GAC's ``sharded`` argument at the first step (``None``: GAC's default).
+        measure_ess: with ``ess_lr=None``, still reduce the accumulator and report the ``vcpo/*``
+            step statistics (default); ``False``: a plain step (nothing is recorded then).
     """
 
     def __init__(
@@ -53,13 +55,14 @@ class SteppedOptimizer(ESSScaledLR):
         gac: Mapping[str, Any] | None = None,
         on_metrics: Callable[[dict[str, float]], None] | None = None,
         sharded: Callable[[], bool] | None = None,
+        measure_ess: bool = True,
     ) -> None:
         super().__init__(optimizer, **(dict(ess_lr) if ess_lr is not None else _MEASURE_ONLY))
         self.scales_lr = ess_lr is not None
         self.gac_settings = None if gac is None else dict(gac)
         self.sharded = sharded
         self.on_metrics = on_metrics
-        self.stable_step = StableStep(self, accumulator)
+        self.stable_step = StableStep(self, accumulator, ess_lr=self.scales_lr or measure_ess)
         self._new_rollout_batch = False
 
     @property
