@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from stable_async.correction_chain import Correction, as_correction
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
 
-__all__ = ["ess_lr_settings", "gac_settings", "option_settings"]
+__all__ = ["correction_option", "ess_lr_settings", "gac_settings", "option_settings"]
 
 
 def option_settings(value: Any, argument: str) -> dict[str, Any] | None:
@@ -80,3 +81,16 @@ def ess_lr_settings(value: Any, argument: str = "ess_lr") -> dict[str, Any] | No
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     _build(lambda: ESSScaledLR(probe, **settings), argument)
     return settings
+
+
+def correction_option(value: Any, argument: str = "correction") -> Correction | bool | None:
+    """``correction=``: ``None`` (the trainer's own, translated), ``False`` (none), or a correction
+    (`RolloutCorrection`, ``sa.opsm(...)``, or a tuple of them), validated."""
+    if value is None or value is False:
+        return value
+    if value is True:
+        raise TypeError(f"{argument}: expected a stable_async correction (or a tuple of them), False or None, got True")
+    try:
+        return as_correction(value)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{argument}: {err}") from err

@@ -81,7 +81,7 @@ from stable_async.batch import PolicyBatch
 from stable_async.correction import RolloutCorrection
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
-from stable_async.integrations.options import ess_lr_settings, gac_settings
+from stable_async.integrations.options import correction_option, ess_lr_settings, gac_settings
 from stable_async.integrations.stepping import SteppedOptimizer
 from stable_async.integrations.trl_translation import (
     PREFIX,
@@ -95,6 +95,7 @@ from stable_async.integrations.trl_translation import (
     trl_equivalent_loss,
     trl_is_correction,
 )
+from stable_async.opsm import opsm
 from stable_async.optim.accumulator import StepAccumulator
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
@@ -157,9 +158,11 @@ class StableGRPOTrainer(GRPOTrainer):
             (pass the loss's own hyperparameters in ``loss_kwargs``).
         loss_kwargs: hyperparameters of ``policy_loss`` (with a name only), e.g. ``{"delta_high": 0.1,
             "aggregation": "seq-mean-token-mean"}``.
-        correction: a `RolloutCorrection` on the sampler's log-probs (replaces TRL's vLLM IS ratio),
-            ``False`` (no behavior weight), or ``None`` (TRL's vLLM IS mode, translated, unless the loss
-            already reweights by μ). See the module docstring.
+        correction: a correction on the sampler's log-probs (a `RolloutCorrection`, ``sa.opsm(...)`` or a
+            tuple of them; replaces TRL's vLLM IS ratio), ``False`` (no behavior weight), or ``None`` (TRL's
+            vLLM IS mode, translated, unless the loss already reweights by μ). TRL's
+            ``off_policy_mask_threshold`` adds ``sa.opsm(threshold)`` to whichever applies. See the module
+            docstring.
         ess_lr: ``True`` or a dict of `ESSScaledLR` keyword arguments (``rule``, ``base_ratio``,
             ``min_scale``, ``on_missing``) to scale each step's LR by the step's sequence-level ESS.
         gac: ``True`` or a dict of `GradientAlignmentControl` keyword arguments (``mode``,
@@ -175,28 +178,23 @@ class StableGRPOTrainer(GRPOTrainer):
         *args: Any,
         policy_loss: str | Loss | None = None,
         loss_kwargs: Mapping[str, Any] | None = None,
-        correction: RolloutCorrection | bool | None = None,
+        correction: Any = None,
         ess_lr: bool | Mapping[str, Any] | None = None,
         gac: bool | Mapping[str, Any] | None = None,
         token_normalizer: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self._sa_loss, normalizer = self._sa_build_loss(policy_loss, loss_kwargs)
-        if correction is True:
-            raise TypeError("correction: expected a stable_async.RolloutCorrection, False or None, got True")
-        if correction is not None and correction is not False and not isinstance(correction, RolloutCorrection):
-            raise TypeError(
-                f"correction: expected a stable_async.RolloutCorrection, False or None, got {type(correction).__name__}"
-            )
-        if isinstance(correction, RolloutCorrection) and self._sa_loss.config.correction is not None:
-            raise ValueError("correction: the policy_loss already has a correction in its config; pass it once")
-        self._sa_correction = correction
-        if token_normalizer not in (None, "global", "local"):
-            raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
-        self._sa_token_normalizer = token_normalizer or normalizer
+        # Our options first: a typo fails before TRL loads the model.
+        self._sa_correction = correction_option(correction)
         self._sa_ess_lr_settings = ess_lr_settings(ess_lr)
         self._sa_gac_settings = gac_settings(gac)
+        if token_normalizer not in (None, "global", "local"):
+            raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
+        super().__init__(*args, **kwargs)
+        self._sa_loss, normalizer = self._sa_build_loss(policy_loss, loss_kwargs)
+        if self._sa_correction not in (None, False) and self._sa_loss.config.correction is not None:
+            raise ValueError("correction: the policy_loss already has a correction in its config; pass it once")
+        self._sa_token_normalizer = token_normalizer or normalizer
         self._check_supported()
         self._sa_accumulator = StepAccumulator()  # this trainer's micro-batches of the current step
         self._sa_stepper: SteppedOptimizer | None = None
@@ -230,10 +228,6 @@ class StableGRPOTrainer(GRPOTrainer):
     def _check_supported(self) -> None:
         if self.top_entropy_quantile < 1.0:
             raise ValueError("top_entropy_quantile: < 1 is not supported by StableGRPOTrainer; set it to 1.0")
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                "off_policy_mask_threshold: not supported by StableGRPOTrainer; use correction=RolloutCorrection(...)"
-            )
         if self._entropy_bonus_enabled:
             raise ValueError("entropy_coef: the entropy bonus is not supported by StableGRPOTrainer; set it to 0")
 
@@ -354,20 +348,22 @@ class StableGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the loss
     def _sa_loss_for(self, trl_is_on: bool) -> tuple[Loss, float]:
-        """The loss with the correction chosen by the IS rule, and whether TRL's IS mode was translated."""
+        """The loss with the corrections chosen by the IS rule (+ OPSM), and whether TRL's IS mode was translated."""
         key = (trl_is_on, self.vllm_importance_sampling_mode if trl_is_on else None)
         if key in self._sa_loss_cache:
             return self._sa_loss_cache[key]
-        correction: RolloutCorrection | None = None
-        if isinstance(self._sa_correction, RolloutCorrection):
-            correction = self._sa_correction
-        elif self._sa_correction is None and self._sa_loss.config.correction is None and trl_is_on:
-            # TRL's IS mode, translated; unless the loss already weights by the rollout policy.
-            correction = None if self._sa_loss.weights_by_rollout else self._sa_trl_is_correction()
         loss = self._sa_loss
-        if correction is not None:
+        correction = loss.config.correction
+        translated = 0.0
+        if self._sa_correction is not None and self._sa_correction is not False:
+            correction = self._sa_correction
+        elif self._sa_correction is None and correction is None and trl_is_on and not loss.weights_by_rollout:
+            correction, translated = self._sa_trl_is_correction(), 1.0  # TRL's IS mode, translated
+        if self.off_policy_mask_threshold is not None:  # TRL's OPSM, composed with the correction
+            mask = opsm(self.off_policy_mask_threshold)
+            correction = mask if correction is None else (correction, mask)
+        if correction is not loss.config.correction:
             loss = get_loss(loss.name, config=dataclasses.replace(loss.config, correction=correction))
-        translated = float(correction is not None and not isinstance(self._sa_correction, RolloutCorrection))
         self._sa_loss_cache[key] = (loss, translated)
         return loss, translated
 
