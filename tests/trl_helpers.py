@@ -295,6 +295,7 @@ def async_grpo_samples(seed=0, prompts=((3, 4, 5), (6, 7)), group=3, vocab=32):
             ids = torch.tensor([*prompt, *torch.randint(3, vocab, (n,), generator=gen).tolist()])
             mask = torch.tensor([0] * len(prompt) + [1] * n)
             logps = torch.where(mask.bool(), -3.0 - 0.6 * torch.randn(len(ids), generator=gen), 0.0)
+            advantage = float(torch.randn((), generator=gen))
             samples.append({"input_ids": ids, "completion_mask": mask, "old_log_probs": logps,
-                            "advantage": float(torch.randn((), generator=gen)), "group_id": g, "metrics": {}})  # fmt: skip
+                            "advantage": advantage, "group_id": g, "metrics": {}})  # fmt: skip
     return samples
