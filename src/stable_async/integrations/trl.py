@@ -51,18 +51,21 @@ What is translated (details and rationale: docs/integrations/trl.md):
   ``torch.no_grad`` (the top-K divergence only gates the trust region; the gradient flows through
   TRL's own log-probs), then `stable_async.divergence.gather_topk_logprobs`. Text-only models.
 
-Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, the entropy bonus (``entropy_coef`` / adaptive entropy), and the
-top-K losses without a ``rollout_func`` (TRL's own generation never returns top-K).
+* ``off_policy_mask_threshold``: `stable_async.opsm` with that δ, composed with the correction above.
 
-ESS, ESS-scaled LR and GAC: the ESS ratio is computed per optimizer step, at sequence level, over
-every micro-batch of the step (the per-micro-batch log-weights log π_θ − log μ are kept, detached,
-and reduced once at the last micro-batch with `stable_async.effective_sample_size`, which
-all-reduces across ranks), then staged on the `ESSScaledLR` wrapper that ``create_optimizer``
-puts around TRL's optimizer. GAC runs in a `TrainerCallback` at ``on_pre_optimizer_step`` (after
-clipping). Under DeepSpeed the step happens inside ``accelerator.backward``, so both run in a hook
-on the DeepSpeed engine's torch optimizer instead (`StableGRPOTrainer.install_deepspeed_hooks`,
-installed automatically at ``on_train_begin``).
+Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
+the entropy bonus (``entropy_coef`` / adaptive entropy), and the top-K losses without a
+``rollout_func`` (TRL's own generation never returns top-K).
+
+ESS, ESS-scaled LR and GAC: each training micro-batch is recorded into the trainer's own
+`stable_async.StepAccumulator`; ``create_optimizer`` wraps TRL's optimizer so that the Trainer's
+``optimizer.step()`` is a `stable_async.StableStep` (after clipping: GAC, a possible skip, the
+accumulator reduced over all ranks, the ESS-scaled step; see `stable_async.integrations.stepping`).
+Each new generation is a new rollout batch for GAC (``num_iterations`` and buffered generation
+reuse one batch for several steps). Under DeepSpeed the step happens inside
+``accelerator.backward``, so the same step runs in the DeepSpeed engine's torch optimizer instead
+(`StableGRPOTrainer.install_deepspeed_hooks`, installed automatically at ``on_train_begin``).
+TRL's metric names are kept where TRL logs the quantity (``clip_ratio/*``, ``entropy``, ``kl``).
 """
 
 from __future__ import annotations
