@@ -323,6 +323,23 @@ def _fresh_old(trainer, inputs):
     return logps
 
 
+def test_a_loss_registered_with_declarations_needs_no_adapter_edit(tiny_model, tmp_path, monkeypatch):
+    """The IS rule reads the registry: a new loss declaring weights_by_rollout never gets TRL's ratio too."""
+    from stable_async import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after the test
+    spec = sa.loss_spec("reinforce")
+    for name, weights in (("my_reweighting", True), ("my_plain", False)):
+        sa.register_loss(name, config=spec.config, weights_by_rollout=weights)(spec.fn)
+        ours = make_trainer(
+            StableGRPOTrainer, tiny_model, tmp_path / name, vllm=True, trainer_kwargs={"policy_loss": name}
+        )
+        ours.model.train()
+        inputs = ours._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
+        ours.compute_loss(ours.model, inputs)
+        assert ours._metrics["train"]["stable_async/trl_is_applied"][-1] == float(not weights)
+
+
 @pytest.mark.parametrize(("loss_type", "vllm_is"), [("dapo", False), ("grpo", True)])
 def test_off_policy_mask_threshold_is_translated_to_opsm(tiny_model, tmp_path, loss_type, vllm_is):
     """TRL's off_policy_mask_threshold becomes sa.opsm(threshold), composed with TRL's IS mode."""
