@@ -199,6 +199,21 @@ def trl_compute_loss_fp64(logprobs, inputs, *, loss_type, entropies=None, **sett
     return loss, stand._metrics["train"]
 
 
+def trl_inputs(mask, advantages, old, sampling=None, is_ratio=None):
+    """The ``inputs`` dict `trl_compute_loss_fp64` reads (the optional keys only when given)."""
+    inputs = {
+        "completion_mask": mask.long(),
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum().double(),
+    }
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
+    return inputs
+
+
 # ---------------------------------------------------------------------------------------------
 # TRL's experimental AsyncGRPOTrainer on CPU
 # ---------------------------------------------------------------------------------------------

@@ -35,13 +35,13 @@ Metrics (``opsm/``): ``masked_fraction`` (valid tokens zeroed), ``seq_masked_fra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from stable_async._numerics import masked_max, masked_mean, sequence_log_ratio
 from stable_async.batch import BatchValidationError, PolicyBatch
+from stable_async.checks import check_choice, check_number, check_str
 from stable_async.correction import CorrectionResult
 from stable_async.diagnostics import fraction
 
@@ -65,13 +65,9 @@ class OffPolicySequenceMask:
     prefix: str = "opsm/"
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"threshold: expected a finite number > 0, got {t!r}")
-        if self.behavior not in BEHAVIORS:
-            raise ValueError(f"behavior: expected one of {list(BEHAVIORS)}, got {self.behavior!r}")
-        if not isinstance(self.prefix, str):
-            raise TypeError(f"prefix: expected a string, got {self.prefix!r}")
+        check_number("threshold", self.threshold, low=0.0, low_open=True)
+        check_choice("behavior", self.behavior, BEHAVIORS)
+        check_str("prefix", self.prefix)
 
     def behavior_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         """log μ as chosen by ``behavior``."""

@@ -51,6 +51,7 @@ import math
 import torch
 
 from stable_async._numerics import compute_dtype
+from stable_async.checks import check_int, check_number
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -58,30 +59,14 @@ _CHUNK_ELEMENTS = 1 << 24
 def _check_options(
     temperature: float, top_k: int | None, top_p: float | None, min_p: float | None
 ) -> tuple[int | None, float | None, float | None]:
-    def number(name: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{name}: expected a finite number, got {value!r}")
-        return float(value)
-
-    if not number("temperature", temperature) > 0:
-        raise ValueError(
-            f"temperature: expected a number > 0 (greedy decoding has no distribution), got {temperature!r}"
-        )
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise ValueError(f"top_k: expected an int >= 1, or None / 0 / -1 for no top-k, got {top_k!r}")
-        if top_k in (0, -1):
-            top_k = None
-        elif top_k < 1:
-            raise ValueError(f"top_k: expected an int >= 1, or None / 0 / -1 for no top-k, got {top_k!r}")
-    if top_p is not None:
-        if not 0 < number("top_p", top_p) <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-        top_p = None if top_p == 1 else top_p
-    if min_p is not None:
-        if not 0 <= number("min_p", min_p) <= 1:
-            raise ValueError(f"min_p: expected a number in [0, 1], got {min_p!r}")
-        min_p = None if min_p == 0 else min_p
+    """Validated settings, with vLLM's "off" values (top_k 0 / -1, top_p 1, min_p 0) as None."""
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    if top_k is not None and check_int("top_k", top_k, low=-1) in (0, -1):
+        top_k = None
+    if top_p is not None and check_number("top_p", top_p, low=0.0, high=1.0, low_open=True) == 1:
+        top_p = None
+    if min_p is not None and check_number("min_p", min_p, low=0.0, high=1.0) == 0:
+        min_p = None
     return top_k, top_p, min_p
 
 
@@ -170,8 +155,8 @@ def sampling_logprobs(
     if ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
         raise ValueError(f"ids: expected values in [0, {V}), got min {int(ids.min())}, max {int(ids.max())}")
     top_k, top_p, min_p = _check_options(temperature, top_k, top_p, min_p)
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        check_int("chunk_rows", chunk_rows, low=1)
 
     dtype = compute_dtype(logits)
     z = logits.reshape(-1, V).to(dtype)
@@ -188,12 +173,10 @@ def sampling_logprobs(
         return (chosen - torch.logsumexp(z, dim=-1)).reshape(ids.shape)
     rows = max(1, chunk_rows or _CHUNK_ELEMENTS // V)
     cut, tie_log_frac = _thresholds(zd, top_k, top_p, min_p, rows)
-    below = zd < cut[:, None]
-    kept_logits = z.masked_fill(below, -math.inf)
+    kept_logits = z.masked_fill(zd < cut[:, None], -math.inf)
     if tie_log_frac is not None and bool((tie_log_frac < 0).any()):
         # A tie at the top-p cut-off that vLLM keeps only in part: count the kept share of it.
         partial = (zd == cut[:, None]) & (tie_log_frac < 0)[:, None]
         kept_logits = kept_logits + torch.where(partial, tie_log_frac[:, None], 0.0)
     out = chosen - torch.logsumexp(kept_logits, dim=-1)
-    outside = below.gather(-1, flat_ids)[:, 0]
-    return out.masked_fill(outside, -math.inf).reshape(ids.shape)
+    return out.masked_fill(chosen.detach() < cut, -math.inf).reshape(ids.shape)

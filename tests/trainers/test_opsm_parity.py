@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stable_async as sa
-from trl_helpers import trl_compute_loss_fp64
+from trl_helpers import trl_compute_loss_fp64, trl_inputs
 
 pytestmark = pytest.mark.trainers
 trl = pytest.importorskip("trl")
@@ -41,14 +41,7 @@ def _grad(loss, lp):
 @pytest.mark.parametrize("threshold", [0.1, 0.5])
 def test_opsm_matches_trl(with_rollout, per_token_adv, threshold):
     lp, old, mu, adv, mask = _case(1, per_token_adv)
-    inputs = {
-        "completion_mask": mask.long(),
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "num_items_in_batch": mask.sum().double(),
-    }
-    if with_rollout:
-        inputs["sampling_per_token_logps"] = mu
+    inputs = trl_inputs(mask, adv, old, mu if with_rollout else None)
     ref, _ = trl_compute_loss_fp64(lp, inputs, loss_type="dapo", off_policy_mask_threshold=threshold)
     batch = sa.PolicyBatch(
         logprobs=lp,
@@ -72,13 +65,7 @@ def test_opsm_with_trl_sequence_mask_is_matches_trl():
     # TRL's sequence_mask IS ratio (``_generate_and_score_completions``): exp(Σ m·(old − μ)), 0 above C.
     ratio = torch.exp(((old - mu) * mask).sum(-1, keepdim=True))
     ratio = ratio.masked_fill(ratio > clip_max, 0.0)
-    inputs = {
-        "completion_mask": mask.long(),
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "sampling_per_token_logps": mu,
-        "importance_sampling_ratio": ratio,
-    }
+    inputs = trl_inputs(mask, adv, old, mu, ratio)
     ref, _ = trl_compute_loss_fp64(
         lp, inputs, loss_type="grpo", off_policy_mask_threshold=0.4, use_vllm=True,
         vllm_importance_sampling_correction=True,
