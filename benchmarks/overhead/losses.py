@@ -12,8 +12,8 @@ Variants of ours:
   value at a valid position), then the loss, then ``backward()``: what a user pays per micro-batch.
 * ``+batch nocheck``: the same with ``check_finite=False``.
 * ``prebuilt``: the loss and ``backward()`` on an already built batch (the loss's own cost).
-* ``+batch compiled`` (``--compile``, ``ppo`` and ``gspo_token`` only): ``+batch`` with the loss's
-  ``compile=True`` setting (its elementwise core through ``torch.compile``).
+* ``+batch compiled`` (``--compile``; ``ppo``, ``gspo``, ``gspo_token``): ``+batch`` with the
+  loss's ``compile=True`` setting (the same readable surrogate through ``torch.compile``).
 
 References (the trainer's code, called, never copied):
 
@@ -206,7 +206,7 @@ def _check_same(reference, loss_fn, batch_kwargs, x: Inputs, case: str) -> None:
     torch.testing.assert_close(g_ours, g_ref.float(), rtol=1e-4, atol=1e-9, msg=f"{case}: gradient")
 
 
-COMPILABLE = ("ppo", "gspo_token")  # losses with a ``compile=True`` core
+COMPILABLE = ("ppo", "gspo", "gspo_token")  # losses with a ``compile=True`` setting
 
 
 def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=None) -> dict:

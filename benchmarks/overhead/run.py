@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         "--rounds", type=int, default=1, help="repeat the whole loss measurement; report the median and the worst round"
     )
     parser.add_argument(
-        "--compile", action="store_true", help="also time the losses' compile=True setting (ppo, gspo_token)"
+        "--compile", action="store_true", help="also time the losses' compile=True setting (ppo, gspo, gspo_token)"
     )
     parser.add_argument("--train-repeats", type=int, default=5, help="training-step repetitions (full run)")
     parser.add_argument(

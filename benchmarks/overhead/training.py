@@ -108,7 +108,7 @@ class Setup:
 
 
 def _state_bytes(gac: sa.GradientAlignmentControl) -> int:
-    return sum(t.numel() * t.element_size() for t in gac._prev if t is not None)
+    return sum(t.numel() * t.element_size() for t in gac.stored.reference if t is not None)
 
 
 def _sketch_dim_for(setup: Setup, budget: float) -> int:

@@ -8,6 +8,8 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
+from importlib import metadata as _metadata
+
 from stable_async import baselines, checks, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
@@ -33,7 +35,10 @@ from stable_async.registry import (
 )
 from stable_async.sampling import sampling_logprobs
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("stable-async")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AGGREGATION_MODES",

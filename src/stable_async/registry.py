@@ -49,7 +49,7 @@ class Declared(Generic[T]):
     value: T | Callable[[Any], T]
 
     def __call__(self, config: Any) -> T:
-        return self.value(config) if callable(self.value) else self.value  # type: ignore[return-value]
+        return self.value(config) if callable(self.value) else self.value
 
 
 @dataclass(frozen=True)

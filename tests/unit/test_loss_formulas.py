@@ -1,6 +1,6 @@
 """Each classical loss against an independent elementwise reference: values and autograd gradients.
 
-The references are written from the formulas in ALGORITHMS.md, element by element in Python
+The references are written from the formulas in the losses' docs pages (docs/losses/), element by element in Python
 floats, with the gradient derived by hand (not by autograd).
 """
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stable_async._numerics import float_mask, masked_mean
+from stable_async._numerics import masked_mean
 from stable_async.aggregate import aggregate, aggregate_finite, aggregate_sequences, check_aggregation
 
 if TYPE_CHECKING:
@@ -93,28 +93,27 @@ def finish(
 ) -> LossOutput:
     """Apply the correction, aggregate a (B, T) loss matrix, and pack the output.
 
-    The loss is aggregated with mask-weighted sums (`aggregate_finite`), exact when the loss
-    matrix is finite at masked positions, which it is for finite inputs short of an overflow.
-    The loss value is read back with the metrics anyway; if it is not finite, it is recomputed
-    with the selecting `aggregate`, so a NaN/inf at a masked position never reaches the loss.
+    With a `RolloutCorrection`, the loss matrix is multiplied by its weights and the mask
+    intersected with its ``keep``. The aggregation is the formula's Σ m·ℓ, a mask-weighted sum
+    (`stable_async.aggregate.aggregate_finite`), exact because a loss computed from the batch's
+    fields is finite at masked positions (the batch keeps them finite). The loss value is read
+    back with the metrics anyway; should it not be finite, it is aggregated again by selection
+    (`stable_async.aggregate.aggregate`), so a NaN/inf at a masked position never reaches it.
     """
     mask = batch.mask
-    maskf = batch.maskf
     if config.correction is not None:
         result = config.correction(batch)
         loss_mat = loss_mat * result.weights
         mask = mask & result.keep
-        maskf = float_mask(mask, loss_mat.dtype)
         metrics.update(result.metrics)
-    counts = {
+    maskf = batch.maskf if mask is batch.mask else mask.to(loss_mat.dtype)
+    counts: dict[str, Any] = {
         "global_num_tokens": batch.global_num_tokens,
         "global_num_seqs": batch.global_num_seqs,
         "dp_size": batch.dp_size,
         "norm_length": config.norm_length,
     }
-    if maskf.dtype != loss_mat.dtype:
-        maskf = maskf.to(loss_mat.dtype)
-    loss = aggregate_finite(loss_mat, mask, maskf, config.aggregation, **counts)
+    loss = aggregate_finite(loss_mat, mask, maskf.to(loss_mat.dtype), config.aggregation, **counts)
     metrics["actor/pg_loss"] = loss.detach()
     values = _to_floats(metrics)
     if not math.isfinite(values["actor/pg_loss"]):

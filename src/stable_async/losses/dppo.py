@@ -64,7 +64,6 @@ import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, masked_max, masked_mean
 from stable_async.batch import BatchValidationError, PolicyBatch
-from stable_async.diagnostics import fraction
 from stable_async.divergence import binary_kl, binary_tv, topk_kl, topk_tv
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
 from stable_async.registry import register_loss
@@ -135,19 +134,19 @@ def dppo_metrics(
     batch: PolicyBatch,
     dropped: torch.Tensor,
     log_ratio: torch.Tensor,
+    ratio: torch.Tensor,
     divergence: torch.Tensor,
     ratio_cap: float | None,
-) -> dict[str, torch.Tensor]:
-    """The DPPO metrics of the module docstring; ``log_ratio`` = log π_θ − log q_w (clamped)."""
+) -> dict[str, torch.Tensor | float]:
+    """The DPPO metrics of the module docstring; ``log_ratio`` = log π_θ − log q_w (clamped),
+    ``ratio`` its exp (before the cap)."""
     mask, adv = batch.mask, batch.advantages
-    ratio = torch.exp(log_ratio)
-    truncated = torch.zeros_like(dropped) if ratio_cap is None else ~dropped & (ratio > ratio_cap)
     return {
-        "actor/pg_clipfrac": fraction(dropped, mask),
-        "actor/pg_clipfrac_lower": fraction(truncated, mask),
-        "actor/ppo_kl": masked_mean(-log_ratio, mask),
-        "dppo/masked_frac_pos": fraction(dropped & (adv > 0), mask),
-        "dppo/masked_frac_neg": fraction(dropped & (adv < 0), mask),
+        "actor/pg_clipfrac": batch.token_fraction(dropped),
+        "actor/pg_clipfrac_lower": 0.0 if ratio_cap is None else batch.token_fraction((ratio > ratio_cap) & ~dropped),
+        "actor/ppo_kl": -batch.token_mean(log_ratio),
+        "dppo/masked_frac_pos": batch.token_fraction(dropped & (adv > 0)),
+        "dppo/masked_frac_neg": batch.token_fraction(dropped & (adv < 0)),
         "dppo/divergence_mean": masked_mean(divergence, mask),
         "dppo/divergence_max": masked_max(divergence, mask),
     }
@@ -160,18 +159,22 @@ def dppo_loss(batch: PolicyBatch, config: DPPOConfig, divergence: torch.Tensor) 
     adv = batch.advantages
     dropped = trust_region_mask(batch.logprobs, anchor, adv, divergence, config.delta_low, config.delta_high)
     log_ratio = (batch.logprobs.detach() - weight_anchor).clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
-    weight = torch.exp(log_ratio)
-    if config.ratio_cap is not None:
-        weight = weight.clamp(max=config.ratio_cap)
-    keep = (~dropped).to(weight.dtype)
+    ratio = torch.exp(log_ratio)
+    weight = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)
+    keep = (~dropped).to(weight.dtype)  # M_t
     loss_mat = -(keep * weight * adv) * batch.logprobs
-    metrics = dppo_metrics(batch, dropped, log_ratio, divergence, config.ratio_cap)
+    metrics = dppo_metrics(batch, dropped, log_ratio, ratio, divergence, config.ratio_cap)
     return finish(batch, config, loss_mat, metrics)
 
 
 def _anchor_logprobs(batch: PolicyBatch, anchor: str) -> torch.Tensor:
     """log q of an anchor name; `require` has checked that the field is there."""
     return batch.old_logprobs if anchor == "old" else batch.rollout_logprobs  # type: ignore[return-value]
+
+
+def _topk_logprobs(batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_θ, log q) at the anchor's top-K ids; `require` has checked that both are there."""
+    return batch.current_topk_logprobs, batch.topk_logprobs  # type: ignore[return-value]
 
 
 def required_fields(config: DPPOConfig, topk: bool = False) -> tuple[str, ...]:
@@ -226,11 +229,11 @@ def dppo_binary_kl(batch: PolicyBatch, config: DPPOConfig) -> LossOutput:
 def dppo_topk_tv(batch: PolicyBatch, config: DPPOConfig) -> LossOutput:
     """DPPO with the top-K total variation (see module docstring)."""
     require(batch, config, "dppo_topk_tv", topk=True)
-    return dppo_loss(batch, config, topk_tv(batch.current_topk_logprobs, batch.topk_logprobs))
+    return dppo_loss(batch, config, topk_tv(*_topk_logprobs(batch)))
 
 
 @register_loss("dppo_topk_kl", config=DPPOKLConfig, **_declare(topk=True))
 def dppo_topk_kl(batch: PolicyBatch, config: DPPOConfig) -> LossOutput:
     """DPPO with the top-K KL(q ‖ p) (see module docstring)."""
     require(batch, config, "dppo_topk_kl", topk=True)
-    return dppo_loss(batch, config, topk_kl(batch.current_topk_logprobs, batch.topk_logprobs))
+    return dppo_loss(batch, config, topk_kl(*_topk_logprobs(batch)))

@@ -67,12 +67,12 @@ def _is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _local(t: Any) -> torch.Tensor:
     """This rank's piece of a (possibly DTensor) tensor; in-place edits reach the DTensor."""
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _replicas(t: torch.Tensor, index: int) -> int:
+def _replicas(t: Any, index: int) -> int:
     """How many ranks of the mesh hold this DTensor's local piece (its sum is divided by it)."""
     if not _is_dtensor(t):
         return 1
