@@ -83,7 +83,7 @@ def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     moved = any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
     assert moved or loss_name == "m2po"  # m2po may mask every token of a tiny stale batch
     # The IS rule: losses that weight by μ themselves never get TRL's ratio on top.
-    reweights = loss_name in {"decoupled_ppo", "vcpo"} or loss_name.startswith("dppo_")
+    reweights = loss_name in {"decoupled_ppo", "vcpo", "prime_rl"} or loss_name.startswith("dppo_")
     assert steps[-1]["stable_async/trl_is_applied"] == (0.0 if reweights else 1.0)
     if topk:  # the top-K divergence was computed from the rollout's top-K and the current policy
         assert steps[-1]["stable_async/dppo/divergence_mean"] > 0
