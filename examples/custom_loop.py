@@ -13,7 +13,10 @@ What it simulates, top to bottom:
 * the update: π_old = the trainer's log-probs before the update (proximal policy), then
   MINI_STEPS gradient steps of PPO-clip with a token-level truncated-IS correction against μ,
   `stable_async.GradientAlignmentControl` between backward and step, and
-  `stable_async.ESSScaledLR` scaling the step by the ESS of the minibatch.
+  `stable_async.ESSScaledLR` scaling the step by the ESS of the minibatch. GAC is told where each
+  rollout batch begins (``gac.new_rollout_batch()``), so it compares every step with the last
+  gradient of the *previous* batch: the MINI_STEPS gradients of one batch, aligned by
+  construction, are not projected against each other.
 
 ``--kondo-price λ`` adds the Kondo gate (`stable_async.kondo_gate`): the π_old forward pass, run
 without gradient anyway, scores each sequence's delight, and only the sequences the gate keeps
@@ -95,6 +98,7 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float 
     )
     snapshots = collections.deque([copy.deepcopy(policy)], maxlen=MAX_LAG + 1)  # older weights the engine runs
     start, first_reward, metrics = time.time(), None, {}
+    actions: collections.Counter[str] = collections.Counter()  # GAC's decision at every optimizer step
 
     for step in range(steps):
         # 1. Rollouts from a stale engine (a snapshot up to MAX_LAG steps old).
@@ -113,6 +117,7 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float 
             rows = sa.kondo_gate(advantages, old_logprobs, mask, price=kondo_price).indices
 
         # 2. A few gradient steps on the batch: loss + correction, GAC, ESS-scaled learning rate.
+        gac.new_rollout_batch()  # this batch's steps compare with the previous batch's last gradient
         for _ in range(MINI_STEPS):
             batch = sa.PolicyBatch(
                 logprobs=token_logprobs(policy, sequences[rows]),
@@ -125,6 +130,7 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float 
             optimizer.zero_grad()
             out.loss.backward()
             gac_metrics = gac.apply()  # after backward, before the step; edits .grad in place
+            actions[gac.last_action] += 1
             ess = sa.effective_sample_size(batch.logprobs.detach() - batch.rollout_logprobs, batch.mask)  # π_θ/μ
             optimizer.step(ess)  # lr · sqrt(ESS/N) for this step only
         snapshots.append(copy.deepcopy(policy))
@@ -139,6 +145,7 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float 
             "lr_scale": optimizer.last_metrics["vcpo/lr_scale"],
             "gac_cos": gac_metrics["gac/cos"],
             "gac_action": gac.last_action,
+            "gac_projected_frac": actions["project"] / sum(actions.values()),
             "kondo_skipped": 1.0 - len(rows) / len(sequences),
         }
         first_reward = metrics["reward"] if first_reward is None else first_reward
@@ -149,7 +156,10 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float 
                 f"ESS/N {metrics['ess_ratio']:.3f}  lr×{metrics['lr_scale']:.3f}  "
                 f"gac cos {metrics['gac_cos']:+.3f} ({metrics['gac_action']})"
             )
-    print(f"done: {steps} steps in {time.time() - start:.1f}s, reward {first_reward:.3f} -> {metrics['reward']:.3f}")
+    print(
+        f"done: {steps} steps in {time.time() - start:.1f}s, reward {first_reward:.3f} -> {metrics['reward']:.3f}, "
+        f"GAC projected {actions['project']} of {sum(actions.values())} optimizer steps"
+    )
     if kondo_price is not None:
         print(f"kondo gate: {metrics['kondo_skipped']:.0%} of the last batch's backward passes skipped")
     return metrics

@@ -212,3 +212,105 @@ def trl_inputs(mask, advantages, old, sampling=None, is_ratio=None):
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
     return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's experimental AsyncGRPOTrainer on CPU
+# ---------------------------------------------------------------------------------------------
+def cpu_tree_attention(module, query, key, value, attention_mask, *, tree_kv_index, tree_cu_seqlens_q,
+                       tree_cu_seqlens_k, tree_max_seqlen_q, tree_max_seqlen_k, scaling=None, **kwargs):  # fmt: skip
+    """TRL's ``tree_attention`` (packing.py) with its FA3 kernel call written out in plain torch.
+
+    Segment i's queries (rows cu_q[i]:cu_q[i+1]) attend to its keys ``key[kv_index[cu_k[i]:cu_k[i+1]]]``,
+    causally aligned at the end (query j of Lq sees keys 0..Lk−Lq+j), as ``flash_attn_varlen_func(causal=True)``.
+    """
+    q, k, v = (x.transpose(1, 2)[0] for x in (query, key, value))  # (N, H, D)
+    k, v = k.index_select(0, tree_kv_index), v.index_select(0, tree_kv_index)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = torch.zeros_like(q)
+    for i in range(tree_cu_seqlens_q.numel() - 1):
+        qs, qe = int(tree_cu_seqlens_q[i]), int(tree_cu_seqlens_q[i + 1])
+        ks, ke = int(tree_cu_seqlens_k[i]), int(tree_cu_seqlens_k[i + 1])
+        scores = torch.einsum("qhd,khd->hqk", q[qs:qe], k[ks:ke]) * scale
+        lq, lk = qe - qs, ke - ks
+        allowed = torch.arange(lk)[None, :] <= (lk - lq + torch.arange(lq))[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ks:ke])
+    return out.unsqueeze(0), None
+
+
+class NoRolloutWorker:
+    """AsyncGRPO's ``rollout_worker`` protocol: a queue holding ready ``RolloutSample``s, no generation."""
+
+    def __init__(self, samples=()):
+        import queue
+
+        from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
+
+        self.rollout_buffer, self.metrics_queue = queue.Queue(), queue.Queue()
+        for s in samples:
+            self.rollout_buffer.put(
+                RolloutSample(prompt="", completion="", input_ids=s["input_ids"].numpy(),
+                              completion_mask=s["completion_mask"].numpy(), old_log_probs=s["old_log_probs"].numpy(),
+                              advantage=s["advantage"], model_version=0, group_id=s["group_id"], metrics={})
+            )  # fmt: skip
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def update_model_version(self, version):
+        pass
+
+    def check_health(self, stale_after_s):
+        pass
+
+
+class NoWeightTransfer:
+    """AsyncGRPO's ``weight_transfer`` protocol as a no-op (TRL's docs: "a no-op stub in tests")."""
+
+    def init_weight_transfer(self):
+        pass
+
+    def pause(self):
+        pass
+
+    def send_weights(self, iterator):
+        pass
+
+    def resume(self):
+        pass
+
+    def destroy(self):
+        pass
+
+
+def async_grpo_batch(samples, pad_token_id=0):
+    """One micro-batch as AsyncGRPO's collator builds it: the samples packed into one ``TreeRow``."""
+    from trl.experimental.async_grpo.async_grpo_trainer import DataCollatorForRollout
+    from trl.experimental.async_grpo.packing import TreeRow
+
+    row = TreeRow()
+    for sample in samples:
+        row.add(sample)
+    return DataCollatorForRollout(pad_token_id, num_processes=1)([[row]])
+
+
+def async_grpo_samples(seed=0, prompts=((3, 4, 5), (6, 7)), group=3, vocab=32):
+    """Rollout samples (prompt + completion ids, completion mask, engine log-probs, advantage) for the collator."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for g, prompt in enumerate(prompts):
+        for _ in range(group):
+            n = int(torch.randint(2, MAX_COMPLETION + 1, (1,), generator=gen))
+            ids = torch.tensor([*prompt, *torch.randint(3, vocab, (n,), generator=gen).tolist()])
+            mask = torch.tensor([0] * len(prompt) + [1] * n)
+            logps = torch.where(mask.bool(), -3.0 - 0.6 * torch.randn(len(ids), generator=gen), 0.0)
+            advantage = float(torch.randn((), generator=gen))
+            samples.append({"input_ids": ids, "completion_mask": mask, "old_log_probs": logps,
+                            "advantage": advantage, "group_id": g, "metrics": {}})  # fmt: skip
+    return samples

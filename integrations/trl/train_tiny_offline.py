@@ -90,6 +90,29 @@ def stale_rollout_func(tokenizer: PreTrainedTokenizerFast, max_new_tokens: int, 
     return rollout
 
 
+PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+
+
+def tiny_grpo_config(output_dir: str, steps: int, **overrides) -> GRPOConfig:
+    """The CPU settings of these recipes: 2 groups of 4 completions of up to 8 tokens per step."""
+    settings = {
+        "output_dir": output_dir,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": [],
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": steps,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "learning_rate": 1e-3,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return GRPOConfig(**{**settings, **overrides})
+
+
 def reward_short_even(completions: list[str], **kwargs) -> list[float]:
     """A toy reward: completions whose word count is even score 1."""
     return [float(len(c.split()) % 2 == 0) for c in completions]
@@ -106,26 +129,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path, tokenizer = tiny_model(tmp)
-        args = GRPOConfig(
-            output_dir=os.path.join(tmp, "out"),
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=8,
-            max_steps=opts.steps,
-            logging_steps=1,
-            save_strategy="no",
-            learning_rate=1e-3,
-            disable_tqdm=True,
-            seed=0,
-        )
+        args = tiny_grpo_config(os.path.join(tmp, "out"), opts.steps)
         trainer = StableGRPOTrainer(
             model=path,
             reward_funcs=reward_short_even,
             args=args,
-            train_dataset=Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"] * 8}),
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS * 8}),
             processing_class=tokenizer,
             rollout_func=stale_rollout_func(tokenizer, args.max_completion_length, opts.lag),
             policy_loss=opts.loss,
@@ -134,7 +143,7 @@ def main() -> None:
         )
         trainer.train()
 
-    shown = ("loss", "reward", "stable_async/ess_ratio", "stable_async/vcpo/lr_scale", "stable_async/gac/cos")
+    shown = ("loss", "reward", "stable_async/vcpo/ess_ratio", "stable_async/vcpo/lr_scale", "stable_async/gac/cos")
     print(f"\n{'step':>4}  " + "  ".join(f"{name.removeprefix('stable_async/'):>14}" for name in shown))
     for record in trainer.state.log_history:
         if "loss" in record:

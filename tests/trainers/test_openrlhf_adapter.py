@@ -191,6 +191,37 @@ def test_our_option_errors_name_the_argument():
         OURS(policy_loss_type="gspo", is_correction_level="token")(t["lp"], t["old"], t["adv"], mask)
 
 
+# Misconfigurations of our optimizer-side options: refused where the user types them (the loss, or
+# the driver's runtime_env), with the option and the key in the message, never later in a worker.
+BAD_OPTIONS = [
+    ({"gac": {"mode": "skip"}}, ValueError, r"^gac: mode='skip' is not supported"),
+    ({"gac": {"memory": "sketch"}}, ValueError, r"^gac: .*memory='sketch'"),
+    ({"gac": {"treshold": 0.5}}, TypeError, r"^gac: unknown key 'treshold'"),
+    ({"gac": {"threshold": 1.5}}, ValueError, r"^gac: .*threshold"),
+    ({"gac": {"threshold": "0.5"}}, ValueError, r"^gac: .*threshold"),
+    ({"gac": "project"}, TypeError, r"^gac: expected True"),
+    ({"ess_lr": {"rule": "cubic"}}, ValueError, r"^ess_lr: .*rule"),
+    ({"ess_lr": {"base_ratoi": 0.5}}, TypeError, r"^ess_lr: unknown key 'base_ratoi'"),
+    ({"ess_lr": {"min_scale": 2.0}}, ValueError, r"^ess_lr: .*min_scale"),
+    ({"loss_kwargs": {"eps_hihg": 0.3}, "policy_loss": "ppo"}, TypeError, r"^eps_hihg: not a hyperparameter"),
+    ({"correction": {"levle": "token"}}, TypeError, r"^correction: .*levle"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS, ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize("where", ["PolicyLoss", "runtime_env"])
+def test_option_misconfigurations_fail_at_construction_naming_the_key(where, options, error, match):
+    build = OURS if where == "PolicyLoss" else adapter.runtime_env
+    with pytest.raises(error, match=match):
+        build(**options)
+
+
+def test_documented_gac_options_are_accepted():
+    for gac in (True, {"mode": "monitor", "memory": "sketch"}, {"mode": "project", "memory": "bf16", "threshold": 0.7}):
+        assert OURS(gac=gac).gac == ({} if gac is True else gac)
+        assert adapter.runtime_env(gac=gac)["worker_process_setup_hook"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Our options through the drop-in
 # ---------------------------------------------------------------------------------------------
@@ -253,11 +284,42 @@ def test_ess_is_recorded_over_micro_batches():
     t2, m2 = inputs(9, B=5, T=6)
     for t, m in ((t1, m1), (t2, m2)):
         loss_fn(t["lp"], t["old"], t["adv"], m, rollout_log_probs=t["rollout"])
-    ess = loss_fn.pop_ess()
+    ess = loss_fn.accumulator.reduce().sequence
     seq_lw = torch.cat([((t["lp"] - t["rollout"]) * m).sum(-1)[m.any(-1)] for t, m in ((t1, m1), (t2, m2))])
     assert ess.n == seq_lw.numel()
     assert ess.ess_ratio == pytest.approx(sa.effective_sample_size(seq_lw).ess_ratio, rel=1e-12)
-    assert loss_fn.pop_ess() is None
+
+
+def test_two_losses_with_their_hooks_in_one_process_step_with_their_own_ess():
+    """Two models, two PolicyLoss + hooks, micro-batches interleaved: each step sees its own records only."""
+    pytest.importorskip("deepspeed")
+    engines, losses = [], []
+    for _ in range(2):
+        net = torch.nn.Linear(3, 4).double()
+        engines.append(types.SimpleNamespace(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1)))
+        losses.append(OURS(is_correction_level="token", ess_lr=True))
+        adapter.attach_deepspeed(engines[-1], losses[-1])
+    t_stale, m_stale = inputs(3)
+    t_fresh, m_fresh = inputs(4)
+    t_fresh["rollout"] = t_fresh["lp"].clone()  # on-policy: ESS/N = 1
+    for _ in range(3):
+        losses[0](t_fresh["lp"], t_fresh["old"], t_fresh["adv"], m_fresh, rollout_log_probs=t_fresh["rollout"])
+        losses[1](t_stale["lp"], t_stale["old"], t_stale["adv"], m_stale, rollout_log_probs=t_stale["rollout"])
+    for engine in engines:
+        for p in engine.module.parameters():
+            p.grad = torch.ones_like(p)
+        engine.optimizer.step()
+    expected = sa.effective_sample_size(t_stale["lp"] - t_stale["rollout"], m_stale).ess_ratio
+    assert expected < 0.9
+    assert losses[0].step_hook.last_metrics["vcpo/ess_ratio"] == pytest.approx(1.0)
+    assert losses[1].step_hook.last_metrics["vcpo/ess_ratio"] == pytest.approx(expected, rel=1e-12)
+    assert all("vcpo/ess_ratio" not in loss.last_metrics for loss in losses)  # the loss's own metrics only
+    # Cleared by their own steps only; bounded memory whatever the number of forwards.
+    assert [loss.accumulator.num_records for loss in losses] == [0, 0]
+    for _ in range(30):
+        losses[1](t_stale["lp"], t_stale["old"], t_stale["adv"], m_stale, rollout_log_probs=t_stale["rollout"])
+    assert losses[0].accumulator.num_records == 0
+    assert losses[1].accumulator.state.numel() == len(sa.optim.accumulator.STATISTICS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,13 +405,20 @@ def test_actor_trainer_builds_our_loss_and_attaches_the_hook(ppo_actor, monkeypa
     engine = types.SimpleNamespace(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     strategy = types.SimpleNamespace(args=trainer_args())
     actor = types.SimpleNamespace(model=engine)
+
+    def recorder(trainer, kl_ctl):  # stands in for OpenRLHF's ppo_train (a replay buffer and DeepSpeed)
+        return {"rollout_batch_marked": trainer.actor_loss_fn.step_hook.stepper._new_rollout_batch}
+
+    monkeypatch.setattr(ppo_actor.ActorPPOTrainer, "ppo_train", recorder)
     with adapter.patch(ess_lr={"rule": "linear"}, gac={"mode": "monitor"}):
         trainer = ppo_actor.ActorPPOTrainer(strategy, actor, None, engine.optimizer, None)
         loss = trainer.actor_loss_fn
         assert isinstance(loss, OURS) and loss.clip_eps_high == 0.28 and loss.correction is not None
         assert loss.step_hook is not None and engine.optimizer.step == loss.step_hook.step
+        # ppo_train (one replay buffer, max_epochs passes) marks a new rollout batch for GAC first.
+        assert trainer.ppo_train(0.0) == {"rollout_batch_marked": True}
         loss.step_hook.detach()
-    assert "step" not in vars(engine.optimizer)
+    assert "step" not in vars(engine.optimizer) and ppo_actor.ActorPPOTrainer.ppo_train is recorder
     plain = ppo_actor.ActorPPOTrainer(strategy, actor, None, engine.optimizer, None)
     assert type(plain.actor_loss_fn) is THEIRS
 

@@ -29,12 +29,19 @@ pytest.importorskip("datasets")
 from stable_async.integrations.trl import (  # noqa: E402
     TOPK_IDS_KEY,
     TOPK_LOGPROBS_KEY,
-    TOPK_LOSSES,
     StableGRPOTrainer,
 )
 
+TRL_CLIP_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_mean",
+    "clip_ratio/high_max",
+    "clip_ratio/region_mean",
+)
 OUR_METRICS = (
-    "stable_async/ess_ratio",
+    *TRL_CLIP_METRICS,
+    "stable_async/vcpo/ess_ratio",
     "stable_async/rollout_logprobs_source",
     "stable_async/rollout_logprobs_unscored_frac",
     "stable_async/trl_is_applied",
@@ -58,7 +65,7 @@ def _quiet(monkeypatch):
 @pytest.mark.parametrize("loss_name", sa.available_losses())
 def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
     kwargs = {"policy_loss": loss_name, "ess_lr": True, "gac": True}
-    topk = 4 if loss_name in TOPK_LOSSES else 0
+    topk = 4 if loss_name.startswith("dppo_topk") else 0
     trainer = make_trainer(
         StableGRPOTrainer, tiny_model, tmp_path, vllm=True, nan_every=5, topk=topk, trainer_kwargs=kwargs
     )
@@ -70,18 +77,18 @@ def test_every_loss_trains_with_ess_lr_and_gac(tiny_model, tmp_path, loss_name):
         assert name in steps[-1], name
     assert steps[-1]["stable_async/rollout_logprobs_source"] == 1.0
     assert steps[-1]["stable_async/rollout_logprobs_unscored_frac"] > 0
-    assert 0 < steps[-1]["stable_async/ess_ratio"] <= 1
+    assert 0 < steps[-1]["stable_async/vcpo/ess_ratio"] <= 1
     assert "stable_async/gac/cos" in steps[-1]  # defined from the second step on
     assert isinstance(trainer._sa_ess_lr, sa.ESSScaledLR) and trainer._sa_ess_lr.num_steps == 3
     moved = any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
     assert moved or loss_name == "m2po"  # m2po may mask every token of a tiny stale batch
     # The IS rule: losses that weight by μ themselves never get TRL's ratio on top.
-    reweights = loss_name in {"decoupled_ppo", "vcpo"} or loss_name.startswith("dppo_")
+    reweights = loss_name in {"decoupled_ppo", "vcpo", "prime_rl"} or loss_name.startswith("dppo_")
     assert steps[-1]["stable_async/trl_is_applied"] == (0.0 if reweights else 1.0)
     if topk:  # the top-K divergence was computed from the rollout's top-K and the current policy
         assert steps[-1]["stable_async/dppo/divergence_mean"] > 0
-    if loss_name == "ppo":  # translated names: actor/pg_clipfrac is TRL's clip_ratio/region_mean
-        assert "clip_ratio/region_mean" in steps[-1] and "stable_async/actor/ppo_kl" in steps[-1]
+    if loss_name == "ppo":  # our clip fraction under our name, beside TRL's
+        assert "stable_async/actor/ppo_kl" in steps[-1] and "stable_async/actor/pg_clipfrac" in steps[-1]
         assert "stable_async/rollout_corr/rollout_is_mean" in steps[-1]  # TRL's IS mode, translated
         assert "stable_async/actor/pg_loss" not in steps[-1]  # the Trainer logs `loss` itself
 
@@ -144,11 +151,53 @@ def test_topk_loss_without_rollout_func_fails_at_construction(tiny_model, tmp_pa
 def test_without_sampler_logprobs_old_logprobs_stand_in(tiny_model, tmp_path):
     trainer = make_trainer(StableGRPOTrainer, tiny_model, tmp_path, max_steps=1, trainer_kwargs={"policy_loss": "vcpo"})
     trainer.model.train()
+    trainer.create_optimizer()
     inputs = trainer._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
     inputs.pop("sampling_per_token_logps")  # what TRL holds with transformers generation (no vLLM)
-    trainer._compute_loss(trainer.model, inputs)
+    trainer._compute_loss(trainer.model, inputs).backward()
     assert trainer._metrics["train"]["stable_async/rollout_logprobs_source"][-1] == 0.0
-    assert trainer._metrics["train"]["stable_async/ess_ratio"][-1] == pytest.approx(1.0)
+    trainer.optimizer.step()  # without ess_lr the ESS is measured, the LR is not scaled
+    assert trainer._metrics["train"]["stable_async/vcpo/ess_ratio"][-1] == pytest.approx(1.0)
+    assert trainer._metrics["train"]["stable_async/vcpo/lr_scale"][-1] == 1.0
+
+
+def test_two_trainers_in_one_process_step_with_their_own_ess(tiny_model, tmp_path):
+    """Interleaved micro-batches of two trainers: each step reduces its own records only."""
+    options = {"trainer_kwargs": {"ess_lr": True}}
+    trainers = {
+        "on_policy": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "a", **options),
+        "stale": make_trainer(StableGRPOTrainer, tiny_model, tmp_path / "b", vllm=True, **options),
+    }
+    batches = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        trainer.create_optimizer()
+        batches[name] = trainer._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
+    batches["on_policy"].pop("sampling_per_token_logps")  # μ = π_θ: ESS/N = 1
+    inputs = batches["stale"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainers["stale"]._get_per_token_logps_and_entropies(
+            trainers["stale"].model, ids, attention, inputs["completion_ids"].size(1)
+        )
+    mu = torch.where(torch.isnan(inputs["sampling_per_token_logps"]), logps, inputs["sampling_per_token_logps"])
+    expected = sa.effective_sample_size(logps - mu, inputs["completion_mask"].bool()).ess_ratio
+    assert expected < 0.99
+    for _ in range(3):  # gradient accumulation, the two trainers' micro-batches interleaved
+        for name, trainer in trainers.items():
+            trainer._compute_loss(trainer.model, dict(batches[name])).backward()
+    for trainer in trainers.values():
+        trainer.optimizer.step()
+    logged = {name: t._metrics["train"]["stable_async/vcpo/ess_ratio"] for name, t in trainers.items()}
+    assert logged["on_policy"] == [pytest.approx(1.0)]  # one step, one value: nothing of the other trainer
+    assert logged["stale"] == [pytest.approx(expected, rel=1e-5)]
+    assert trainers["stale"]._metrics["train"]["stable_async/vcpo/ess_missing"] == [0.0]
+    # Bounded memory: the accumulator is a fixed vector, whatever the number of micro-batches.
+    acc = trainers["stale"]._sa_accumulator
+    for _ in range(20):
+        trainers["stale"]._compute_loss(trainers["stale"].model, dict(inputs))
+    assert acc.num_records == 20 and acc.state.numel() == len(sa.optim.accumulator.STATISTICS)
 
 
 def test_lora_only_adapter_params_in_gac_and_ess_lr(tiny_model, tmp_path):
@@ -215,6 +264,14 @@ def _loss_and_grads(trainer, inputs):
 def test_default_loss_matches_grpo_trainer(tiny_model, tmp_path, loss_type, extra):
     theirs, ours, inputs = _pair(tiny_model, tmp_path, loss_type=loss_type, **extra)
     _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    # TRL's clip metrics, under TRL's names, equal TRL's on the same inputs (cispo: TRL logs only
+    # the upper clip, as cispo_clip_ratio; sapo: none).
+    logged = {name: ours._metrics["train"][name][-1] for name in TRL_CLIP_METRICS}
+    if loss_type == "cispo":
+        assert logged["clip_ratio/high_mean"] == pytest.approx(theirs._metrics["train"]["cispo_clip_ratio"][-1])
+    elif loss_type != "sapo":
+        assert logged == pytest.approx({name: theirs._metrics["train"][name][-1] for name in TRL_CLIP_METRICS})
+    assert 0 < logged["clip_ratio/region_mean"] < 1  # the stale old log-probs leave the clip range somewhere
 
 
 @pytest.mark.parametrize("mode", ["sequence_mask", "token_truncate"])
@@ -266,6 +323,37 @@ def _fresh_old(trainer, inputs):
     return logps
 
 
+def test_a_loss_registered_with_declarations_needs_no_adapter_edit(tiny_model, tmp_path, monkeypatch):
+    """The IS rule reads the registry: a new loss declaring weights_by_rollout never gets TRL's ratio too."""
+    from stable_async import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after the test
+    spec = sa.loss_spec("reinforce")
+    for name, weights in (("my_reweighting", True), ("my_plain", False)):
+        sa.register_loss(name, config=spec.config, weights_by_rollout=weights)(spec.fn)
+        ours = make_trainer(
+            StableGRPOTrainer, tiny_model, tmp_path / name, vllm=True, trainer_kwargs={"policy_loss": name}
+        )
+        ours.model.train()
+        inputs = ours._generate_and_score_completions([{"prompt": "w1 w2"}] * 4)
+        ours.compute_loss(ours.model, inputs)
+        assert ours._metrics["train"]["stable_async/trl_is_applied"][-1] == float(not weights)
+
+
+@pytest.mark.parametrize(("loss_type", "vllm_is"), [("dapo", False), ("grpo", True)])
+def test_off_policy_mask_threshold_is_translated_to_opsm(tiny_model, tmp_path, loss_type, vllm_is):
+    """TRL's off_policy_mask_threshold becomes sa.opsm(threshold), composed with TRL's IS mode."""
+    theirs, ours, inputs = _pair(
+        tiny_model, tmp_path, vllm_is=vllm_is, loss_type=loss_type, off_policy_mask_threshold=0.45
+    )
+    if vllm_is:
+        inputs["old_per_token_logps"] = inputs["old_per_token_logps"].detach() * 0 + _fresh_old(theirs, inputs)
+    _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    masked = ours._metrics["train"]["stable_async/opsm/masked_fraction"][-1]
+    assert 0 < masked < 1  # some negative-advantage sequences are beyond δ, some are not
+    assert ours._metrics["train"]["stable_async/trl_is_applied"][-1] == float(vllm_is)
+
+
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_kl_term_matches_grpo_trainer(tiny_model, tmp_path, bias_correction):
     theirs, ours, inputs = _pair(
@@ -284,10 +372,15 @@ def test_kl_term_matches_grpo_trainer(tiny_model, tmp_path, bias_correction):
         ({"policy_loss": "nope"}, {}, "unknown loss"),
         ({"correction": True}, {}, "correction"),
         ({"ess_lr": "yes"}, {}, "ess_lr"),
-        ({"gac": {"mode": "bogus"}}, {}, "mode"),
+        ({"gac": {"mode": "bogus"}}, {}, "^gac: .*mode"),
+        ({"gac": {"treshold": 0.5}}, {}, "^gac: unknown key 'treshold'"),
+        ({"gac": {"memory": "sketch"}}, {}, "^gac: .*memory='sketch'"),
+        ({"gac": {"strength": True}}, {}, "^gac: .*strength"),
+        ({"ess_lr": {"rule": "cubic"}}, {}, "^ess_lr: .*rule"),
+        ({"ess_lr": {"on_misisng": "skip"}}, {}, "^ess_lr: unknown key 'on_misisng'"),
         ({}, {"loss_type": "vespo"}, "policy_loss"),
         ({}, {"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
-        ({}, {"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+        ({"correction": "icepop"}, {}, "^correction:"),
     ],
 )
 def test_clear_errors(tiny_model, tmp_path, kwargs, config, match):
@@ -305,13 +398,16 @@ def test_deepspeed_hook_runs_gac_and_ess_lr_inside_the_engine_step(tiny_model, t
     engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=sgd), zero_optimization_stage=lambda: 2)
     trainer.install_deepspeed_hooks(engine)
     assert trainer._sa_ds_hooked
-    trainer._sa_ess_lr.set_ess_ratio(0.25)  # what _compute_loss stages at the last micro-batch
+    # What _compute_loss records: four sequences, one carrying all the weight (ESS = 1 of N = 4).
+    log_w = torch.tensor([[0.0], [-60.0], [-60.0], [-60.0]])
+    trainer._sa_accumulator.record_log_weights(log_w)
     param.grad = torch.ones(3)
     sgd.step()  # DeepSpeed calls this inside engine.step()
-    torch.testing.assert_close(param.detach(), torch.full((3,), 0.5))  # lr 1.0 · sqrt(0.25)
+    torch.testing.assert_close(param.detach(), torch.full((3,), 0.5))  # lr 1.0 · sqrt(ESS/N = 0.25)
     assert sgd.param_groups[0]["lr"] == 1.0
     assert trainer._metrics["train"]["stable_async/gac/grad_norm"][-1] == pytest.approx(math.sqrt(3))
     assert trainer._metrics["train"]["stable_async/vcpo/lr_scale"][-1] == pytest.approx(0.5)
+    assert trainer._sa_accumulator.num_records == 0  # cleared by its own step
 
 
 def test_gac_skip_cancels_the_trainer_step(tiny_model, tmp_path):

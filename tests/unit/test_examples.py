@@ -32,6 +32,10 @@ def test_custom_loop_runs_and_prints_metrics():
         assert 0.0 < float(ess_ratio) <= 1.0
         assert 0.0 < float(lr_scale) <= 1.0
     assert re.search(r"^done: 6 steps in", out, re.M)
+    # GAC compares across rollout batches: the MINI_STEPS gradients of one batch are not projected
+    # against each other, so not every optimizer step is projected.
+    projected, total = map(int, re.search(r"GAC projected (\d+) of (\d+) optimizer steps", out).groups())
+    assert total == 12 and projected < total
 
 
 def test_custom_loop_steps_argument_wins_over_the_environment():

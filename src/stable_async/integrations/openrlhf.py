@@ -79,7 +79,6 @@ variable that `runtime_env` writes. See docs/integrations/openrlhf.md.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
@@ -88,16 +87,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import stable_async as sa
 from stable_async.diagnostics import approx_kl
-from stable_async.integrations._options import option_settings
+from stable_async.integrations.openrlhf_translation import (
+    DualClipError,
+    as_float,
+    build_loss,
+    filter_fraction,
+    resolve_correction,
+    translated_correction,
+    validate_openrlhf_arguments,
+)
+from stable_async.integrations.options import ess_lr_settings, gac_settings
+from stable_async.integrations.stepping import SteppedOptimizer
 
 __all__ = [
     "ENV_VAR",
     "DeepSpeedStepHook",
+    "DualClipError",
     "OpenRLHFPatch",
     "PolicyLoss",
     "attach_deepspeed",
@@ -113,12 +122,10 @@ ENV_VAR = "STABLE_ASYNC_OPENRLHF"
 """Environment variable holding the JSON options `worker_setup` passes to `patch`."""
 
 WORKER_SETUP_HOOK = "stable_async.integrations.openrlhf.worker_setup"
-_STATISTIC = {"ratio": "ratio", "binary_kl": "binary_kl", "tv": "binary_tv"}
-_OPENRLHF_DIVERGENCE_EPS = 1e-6  # OpenRLHF clamps both probabilities to [1e-6, 1 - 1e-6]
-
-
-class DualClipError(ValueError, AssertionError):
-    """``dual_clip <= 1``: OpenRLHF raises it with ``assert``; this error is caught by both."""
+_NO_SKIP = (
+    "not stepping DeepSpeed's ZeRO / mixed-precision optimizer would leave its gradient buffers for the next step; "
+    "use mode='project' or 'monitor'"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ class PolicyLoss(nn.Module):
         self.is_correction_mode = is_correction_mode
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = is_correction_threshold
-        _validate_openrlhf_arguments(
+        validate_openrlhf_arguments(
             dual_clip, is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold
         )
         if policy_loss is None and policy_loss_type not in ("ppo", "gspo"):
@@ -182,84 +189,30 @@ class PolicyLoss(nn.Module):
         if policy_loss_type == "gspo" and policy_loss is None:
             self.token_level_loss = False  # GSPO requires the per-sample mean (as OpenRLHF)
 
-        self.correction = self._resolve_correction(correction)
+        translated = translated_correction(
+            policy_loss_type, is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold
+        )
+        self.correction = resolve_correction(correction, translated)
         # gspo + correction in OpenRLHF: the GSPO ratio is taken against the rollout policy.
         self.old_from_rollout = (
             policy_loss is None and policy_loss_type == "gspo" and is_correction_level != "off" and correction is None
         )
-        self.loss_fn = self._build_loss(policy_loss, dict(loss_kwargs or {}))
-        self.ess_lr = option_settings(ess_lr, "ess_lr")
-        self.gac = option_settings(gac, "gac")
-        if self.ess_lr is not None:
-            sa.ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **self.ess_lr)  # validate
+        self.loss_fn = build_loss(
+            policy_loss,
+            dict(loss_kwargs or {}),
+            loss_type=self.policy_loss_type,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            dual_clip=dual_clip,
+            token_level_loss=self.token_level_loss,
+            correction=self.correction,
+        )
+        self.ess_lr = ess_lr_settings(ess_lr)
+        self.gac = gac_settings(gac, refused_modes=("skip",), reason=_NO_SKIP)
         self.last_metrics: dict[str, float] = {}
         self.step_hook: DeepSpeedStepHook | None = None
-        self._ess_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    # -- construction helpers ------------------------------------------------------------------
-    def _resolve_correction(self, correction: Any) -> sa.RolloutCorrection | None:
-        if correction is None:
-            return self._translated_correction()
-        if correction is False:
-            return None
-        if isinstance(correction, sa.RolloutCorrection):
-            return correction
-        if isinstance(correction, Mapping):
-            try:
-                return sa.RolloutCorrection(**correction)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"correction: {err}") from err
-        raise TypeError(
-            f"correction: expected None, False, a RolloutCorrection or a dict, got {type(correction).__name__}"
-        )
-
-    def _translated_correction(self) -> sa.RolloutCorrection | None:
-        level = self.is_correction_level
-        if level == "off" or self.policy_loss_type == "gspo":
-            return None  # gspo: handled by old_from_rollout, no IS coefficient
-        low, high = self.is_correction_threshold
-        try:
-            if self.is_correction_mode == "clip":
-                return sa.RolloutCorrection(level="token", mode="truncate", low=low, high=high)
-            statistic = _STATISTIC[self.is_correction_gating]
-            return sa.RolloutCorrection(
-                level="token" if level == "token" else "geometric",
-                mode="mask",
-                low=low,
-                high=high,
-                statistic=statistic,
-                weight="token",
-                divergence_eps=0.0 if statistic == "ratio" else _OPENRLHF_DIVERGENCE_EPS,
-            )
-        except ValueError as err:
-            raise ValueError(f"is_correction_threshold: {err}") from err
-
-    def _build_loss(self, policy_loss: str | sa.Loss | None, loss_kwargs: dict[str, Any]) -> sa.Loss:
-        aggregation = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
-        if policy_loss is None:
-            if loss_kwargs:
-                raise TypeError("loss_kwargs: only used with policy_loss= (the translated loss takes OpenRLHF's)")
-            config: dict[str, Any] = {
-                "eps_low": self.clip_eps_low,
-                "eps_high": self.clip_eps_high,
-                "dual_clip": self.dual_clip,
-                "aggregation": aggregation,
-            }
-            if self.correction is not None:
-                config["correction"] = self.correction
-            return sa.get_loss(self.policy_loss_type, **config)
-        if isinstance(policy_loss, sa.Loss):
-            if loss_kwargs:
-                raise TypeError("loss_kwargs: pass hyperparameters to get_loss() when policy_loss is a Loss object")
-            return policy_loss
-        if not isinstance(policy_loss, str):
-            raise TypeError(f"policy_loss: expected a loss name or a stable_async.Loss, got {type(policy_loss)}")
-        fields = {f.name for f in dataclasses.fields(sa.loss_config_class(policy_loss)) if f.init}
-        config = {}
-        if "correction" in fields and self.correction is not None:
-            config["correction"] = self.correction
-        config.update(loss_kwargs)
-        return sa.get_loss(policy_loss, **config)
+        #: This loss's micro-batches since its optimizer's last step (log π_θ − log μ, a fixed vector).
+        self.accumulator = sa.StepAccumulator()
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -289,14 +242,13 @@ class PolicyLoss(nn.Module):
             mask=mask,
             old_logprobs=old,
             rollout_logprobs=rollout_log_probs,
-            global_num_tokens=_as_float(batch_num_tokens),
-            global_num_seqs=_as_float(global_batch_size),
+            global_num_tokens=as_float(batch_num_tokens),
+            global_num_seqs=as_float(global_batch_size),
             dp_size=int(dp_size),
         )
         out = self.loss_fn(batch)
         self.last_metrics = out.metrics
-        if self.ess_lr is not None:
-            self._ess_inputs.append((batch.logprobs.detach() - batch.behavior_logprobs.detach(), batch.mask))
+        self.accumulator.record(batch)  # reduced and cleared by this loss's optimizer step
 
         metrics, device = out.metrics, out.loss.device
         clip_ratio = torch.tensor(metrics.get("actor/pg_clipfrac", 0.0), dtype=torch.float32, device=device)
@@ -304,80 +256,30 @@ class PolicyLoss(nn.Module):
         if "rollout_corr/kl" not in metrics:
             return out.loss, clip_ratio, ppo_kl, None, None
         vllm_kl = torch.tensor(metrics["rollout_corr/kl"], dtype=batch.dtype, device=device)
-        filtered = torch.tensor(self._filter_fraction(metrics, batch), dtype=torch.float32, device=device)
+        fraction = filter_fraction(self.correction, metrics, batch.mask)
+        filtered = torch.tensor(fraction, dtype=torch.float32, device=device)
         return out.loss, clip_ratio, ppo_kl, vllm_kl, filtered
-
-    def _filter_fraction(self, metrics: Mapping[str, float], batch: sa.PolicyBatch) -> float:
-        """OpenRLHF's ``is_filter_ratio`` from the correction's metrics (see the module docstring)."""
-        correction = self.correction
-        if correction is None:
-            return metrics.get("rollout_corr/rollout_rs_masked_fraction", 0.0)
-        if correction.mode == "truncate":
-            return metrics["rollout_corr/truncated_fraction"]
-        if correction.level == "token":
-            return metrics["rollout_corr/rollout_rs_masked_fraction"]
-        # Per sequence: OpenRLHF's denominator is every row, and a row without tokens is "filtered".
-        rows, valid = batch.mask.shape[0], int(batch.mask.any(dim=-1).sum())
-        if rows == 0:
-            return 0.0
-        return (metrics["rollout_corr/rollout_rs_seq_masked_fraction"] * valid + (rows - valid)) / rows
-
-    # -- ESS for the learning rate -------------------------------------------------------------
-    def pop_ess(self, process_group: Any = None) -> sa.ESSResult | None:
-        """ESS of the sequence weights π_θ/μ of every forward since the last call, over all ranks.
-
-        Called by `DeepSpeedStepHook` at the optimizer step (every rank calls it, so the
-        all-reduce inside `stable_async.effective_sample_size` matches). ``None`` if nothing was
-        recorded (``ess_lr`` off, or no forward since the last step).
-        """
-        inputs, self._ess_inputs = self._ess_inputs, []
-        if not inputs:
-            return None
-        width = max(w.shape[-1] for w, _ in inputs)
-        log_w = torch.cat([F.pad(w, (0, width - w.shape[-1])) for w, _ in inputs])
-        mask = torch.cat([F.pad(m, (0, width - m.shape[-1])) for _, m in inputs])
-        return sa.effective_sample_size(log_w, mask, level="sequence", process_group=process_group)
 
     def extra_repr(self) -> str:
         return f"loss_fn={self.loss_fn!r}, old_from_rollout={self.old_from_rollout}"
-
-
-def _validate_openrlhf_arguments(dual_clip: float | None, level: str, mode: str, gating: str, threshold: Any) -> None:
-    """OpenRLHF's constructor checks, in its order and with its messages."""
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise DualClipError(f"dual_clip must be > 1.0, got {dual_clip}")
-    if level not in {"off", "token", "seq"}:
-        raise ValueError(f"is_correction_level must be off/token/seq, got {level}")
-    if mode not in {"mask", "clip"}:
-        raise ValueError(f"is_correction_mode must be mask/clip, got {mode}")
-    if gating not in {"ratio", "binary_kl", "tv"}:
-        raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {gating}")
-    if mode == "clip" and (level == "seq" or gating != "ratio"):
-        raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
-    if gating != "ratio" and level != "off" and threshold[0] > 0:
-        raise ValueError(f"is_correction_gating={gating} takes an upper bound only (a single delta)")
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed: ESS-scaled LR and GAC at the accumulation boundary
 # ---------------------------------------------------------------------------------------------
 class _StepShim:
-    """The DeepSpeed optimizer seen by `ESSScaledLR`: its ``param_groups``, and its original ``step``."""
+    """The DeepSpeed optimizer seen by `SteppedOptimizer`: its ``param_groups``, and its original ``step``
+    preceded by ``before`` (writing GAC's edited gradients back through DeepSpeed)."""
 
-    def __init__(self, optimizer: Any, step: Any) -> None:
-        self._optimizer, self._step = optimizer, step
+    def __init__(self, optimizer: Any, step: Any, before: Any) -> None:
+        self._optimizer, self._step, self._before = optimizer, step, before
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self._optimizer.param_groups
 
     def step(self, closure: Any = None) -> Any:
+        self._before()
         return self._step() if closure is None else self._step(closure)
 
     def state_dict(self) -> dict[str, Any]:
@@ -392,20 +294,24 @@ class DeepSpeedStepHook:
 
     DeepSpeed calls ``engine.optimizer.step()`` once per optimizer step, inside ``engine.step()``
     at the gradient-accumulation boundary, after the gradients are reduced across data-parallel
-    ranks. This hook replaces that bound method on the optimizer instance (`detach` restores it):
+    ranks. This hook replaces that bound method on the optimizer instance (`detach` restores it)
+    by a `stable_async.StableStep` fed by the loss's own `stable_async.StepAccumulator`:
 
     1. GAC: the gradient of every trainable parameter is read with
        ``deepspeed.utils.safe_get_full_grad`` (all ZeRO stages), handed to
        `stable_async.GradientAlignmentControl` (on every rank the full gradient, so no extra
        collective), and written back with ``safe_set_full_grad`` when GAC edited it.
-    2. ESS-LR: ``policy_loss.pop_ess()`` gives the ESS of the step's micro-batches (one
-       all-reduce), and `stable_async.ESSScaledLR` runs DeepSpeed's step at the scaled learning
-       rate, then restores it (the engine's LR scheduler steps afterwards, as usual).
+    2. ESS-LR: the accumulator (every forward of the loss since the last step) is reduced across
+       data-parallel ranks, and DeepSpeed's step runs at the learning rate scaled by
+       `stable_async.ESSScaledLR`'s rule, then the rate is restored (the engine's LR scheduler steps
+       afterwards, as usual). Without ``ess_lr`` the ESS is still reported, the rate is not scaled.
+    3. The accumulator is cleared; `new_rollout_batch` (called by `patch` at each
+       ``ppo_train``, i.e. each replay buffer) makes GAC compare across rollout batches.
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine`` (or any object with ``.optimizer.step`` and
             ``.module``: OpenRLHF's ``Actor.model``).
-        policy_loss: the `PolicyLoss` whose ESS drives the learning rate (its ``ess_lr`` and ``gac``
+        policy_loss: the `PolicyLoss` whose accumulator drives the ESS (its ``ess_lr`` and ``gac``
             settings are the defaults of the two arguments below).
         ess_lr: `ESSScaledLR` arguments (``True`` for defaults), or ``None``.
         gac: `GradientAlignmentControl` arguments (``True`` for defaults), or ``None``. ``mode="skip"``
@@ -428,62 +334,88 @@ class DeepSpeedStepHook:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is None or not callable(getattr(optimizer, "step", None)):
             raise TypeError(f"engine: expected a DeepSpeed engine with .optimizer.step, got {type(engine).__name__}")
-        ess_settings = option_settings(ess_lr, "ess_lr") if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
-        gac_settings = option_settings(gac, "gac") if gac is not None else getattr(policy_loss, "gac", None)
+        ess_settings = ess_lr_settings(ess_lr) if ess_lr is not None else getattr(policy_loss, "ess_lr", None)
+        gac_options = (
+            gac_settings(gac, refused_modes=("skip",), reason=_NO_SKIP)
+            if gac is not None
+            else getattr(policy_loss, "gac", None)
+        )
         if ess_settings is not None and not isinstance(policy_loss, PolicyLoss):
             raise ValueError("policy_loss: ess_lr needs the PolicyLoss that records the log-weights")
-        if gac_settings is not None and gac_settings.get("mode", "project") == "skip":
-            raise ValueError("gac: mode='skip' is not supported through the DeepSpeed engine; use project or monitor")
         self.engine, self.optimizer, self.policy_loss = engine, optimizer, policy_loss
         self.process_group = process_group
         self.had_instance_step = "step" in vars(optimizer)
         self.original_step = optimizer.step
-        shim = _StepShim(optimizer, self.original_step)
-        self.ess_lr = None if ess_settings is None else sa.ESSScaledLR(shim, **ess_settings)
-        self.gac_settings = gac_settings
-        self.gac: sa.GradientAlignmentControl | None = None
-        self.params = [p for p in engine.module.parameters() if p.requires_grad] if gac_settings is not None else []
+        if isinstance(policy_loss, PolicyLoss):
+            accumulator = policy_loss.accumulator
+            if process_group is not None:
+                accumulator.process_group = process_group
+        else:
+            accumulator = sa.StepAccumulator(process_group)
+        self.stepper = SteppedOptimizer(
+            _StepShim(optimizer, self.original_step, self._write_back),
+            accumulator,
+            ess_lr=ess_settings,
+            measure_ess=isinstance(policy_loss, PolicyLoss),
+        )
+        self.gac_settings = gac_options
+        self.params = [p for p in engine.module.parameters() if p.requires_grad] if gac_options is not None else []
         self._proxies: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor | None] = []
         self.last_metrics: dict[str, float] = {}
         optimizer.step = self.step
         if policy_loss is not None:
             policy_loss.step_hook = self
 
-    def step(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def gac(self) -> sa.GradientAlignmentControl | None:
+        return self.stepper.gac
+
+    @property
+    def ess_lr(self) -> SteppedOptimizer:
+        return self.stepper
+
+    def new_rollout_batch(self) -> None:
+        """A new replay buffer starts: GAC compares its steps with the previous buffer's last gradient."""
+        self.stepper.new_rollout_batch()
+
+    def step(self, closure: Any = None) -> Any:
         """The replacement of ``engine.optimizer.step``."""
-        metrics: dict[str, float] = {}
         if self.gac_settings is not None:
-            metrics.update(self._apply_gac())
-        if self.ess_lr is None:
-            result = self.original_step(*args, **kwargs)
-        else:
-            assert self.policy_loss is not None
-            result = self.ess_lr.step(self.policy_loss.pop_ess(self.process_group))
-            metrics.update(self.ess_lr.last_metrics)
-        self.last_metrics = metrics
+            self._load_gradients()
+        try:
+            result = self.stepper.step(closure)
+        finally:
+            for proxy in self._proxies:
+                proxy.grad = None
+            self._grads = []
+        self.last_metrics = dict(self.stepper.stable_step.last_metrics)
         return result
 
-    def _apply_gac(self) -> dict[str, float]:
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    def _load_gradients(self) -> None:
+        from deepspeed.utils import safe_get_full_grad
 
-        grads = [safe_get_full_grad(p) for p in self.params]
-        if self.gac is None:
+        self._grads = [safe_get_full_grad(p) for p in self.params]
+        if self.stepper.gac is None:
             # Zero-stride stand-ins shaped like the full gradients: GAC reads and edits proxy.grad.
-            for p, g in zip(self.params, grads, strict=True):
+            for p, g in zip(self.params, self._grads, strict=True):
                 like = g if g is not None else p
                 self._proxies.append(torch.zeros((), dtype=like.dtype, device=like.device).expand(_full_shape(p, g)))
             settings = {"sharded": False, **self.gac_settings}
-            self.gac = sa.GradientAlignmentControl(self._proxies, **settings)
-        for proxy, g in zip(self._proxies, grads, strict=True):
+            self.stepper.stable_step.gac = sa.GradientAlignmentControl(self._proxies, **settings)
+        for proxy, g in zip(self._proxies, self._grads, strict=True):
             proxy.grad = g
-        metrics = self.gac.apply()
-        if self.gac.last_action != "pass":
-            for p, proxy, g in zip(self.params, self._proxies, grads, strict=True):
-                if g is not None and g is not p.grad:  # p.grad itself was edited in place
-                    safe_set_full_grad(p, proxy.grad)
-        for proxy in self._proxies:
-            proxy.grad = None
-        return metrics
+
+    def _write_back(self) -> None:
+        """After GAC, before DeepSpeed's step: hand edited gradients back to DeepSpeed."""
+        gac = self.stepper.gac
+        if gac is None or gac.last_action == "pass":
+            return
+        from deepspeed.utils import safe_set_full_grad
+
+        for p, proxy, g in zip(self.params, self._proxies, self._grads, strict=True):
+            if g is not None and g is not p.grad:  # p.grad itself was edited in place
+                safe_set_full_grad(p, proxy.grad)
 
     def detach(self) -> None:
         """Restore the optimizer's original ``step``."""
@@ -498,7 +430,7 @@ class DeepSpeedStepHook:
         """GAC's and the ESS wrapper's state (save it next to DeepSpeed's checkpoint)."""
         return {
             "gac": None if self.gac is None else self.gac.state_dict(),
-            "ess_lr": None if self.ess_lr is None else self.ess_lr.state_dict(),
+            "ess_lr": self.stepper.state_dict(),
         }
 
 
@@ -529,18 +461,19 @@ PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 class OpenRLHFPatch:
     """An applied `patch`: ``undo()`` (or leaving the ``with`` block) restores OpenRLHF."""
 
-    def __init__(self, module: Any, loss_class: type, original_loss: Any, original_init: Any) -> None:
+    def __init__(self, module: Any, loss_class: type, originals: dict[str, Any]) -> None:
         self.module, self.loss_class = module, loss_class
-        self._original_loss, self._original_init = original_loss, original_init
+        self._originals = originals
         self.active = True
 
     def undo(self) -> None:
-        """Restore ``ppo_actor.PolicyLoss`` and ``ActorPPOTrainer.__init__``; idempotent."""
+        """Restore ``ppo_actor.PolicyLoss`` and ``ActorPPOTrainer.__init__`` / ``ppo_train``; idempotent."""
         global _ACTIVE
         if not self.active:
             return
-        self.module.PolicyLoss = self._original_loss
-        self.module.ActorPPOTrainer.__init__ = self._original_init
+        self.module.PolicyLoss = self._originals["PolicyLoss"]
+        self.module.ActorPPOTrainer.__init__ = self._originals["__init__"]
+        self.module.ActorPPOTrainer.ppo_train = self._originals["ppo_train"]
         self.active = False
         if _ACTIVE is self:
             _ACTIVE = None
@@ -568,7 +501,9 @@ def patch(
     Sets ``openrlhf.trainer.ray.ppo_actor.PolicyLoss`` to a subclass of `PolicyLoss` whose extra
     options are bound, so ``ActorPPOTrainer.__init__`` builds it from OpenRLHF's command-line
     arguments as before. When ``ess_lr`` or ``gac`` is set, ``ActorPPOTrainer.__init__`` is also
-    wrapped to call `attach_deepspeed` on the actor's DeepSpeed engine. Patching again replaces the
+    wrapped to call `attach_deepspeed` on the actor's DeepSpeed engine, and
+    ``ActorPPOTrainer.ppo_train`` (one call per replay buffer, then ``max_epochs`` passes of
+    optimizer steps over it) tells GAC that a new rollout batch begins. Patching again replaces the
     previous patch. Returns an `OpenRLHFPatch` (a context manager; ``undo()`` or `unpatch`).
 
     The patch must run in the Ray worker that hosts the actor: use `runtime_env` /
@@ -593,18 +528,30 @@ def patch(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **{**options, **kwargs})
 
-    original_init = module.ActorPPOTrainer.__init__
+    trainer_class = module.ActorPPOTrainer
+    originals = {
+        "PolicyLoss": module.PolicyLoss,
+        "__init__": trainer_class.__init__,
+        "ppo_train": trainer_class.ppo_train,
+    }
 
     def __init__(trainer: Any, *args: Any, **kwargs: Any) -> None:
-        original_init(trainer, *args, **kwargs)
+        originals["__init__"](trainer, *args, **kwargs)
         loss = getattr(trainer, "actor_loss_fn", None)
         if isinstance(loss, PolicyLoss) and (loss.ess_lr is not None or loss.gac is not None):
             attach_deepspeed(trainer.actor.model, loss)
 
-    original_loss = module.PolicyLoss
+    def ppo_train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        # One call per replay buffer (its max_epochs × minibatch steps follow): a new rollout batch for GAC.
+        loss = getattr(trainer, "actor_loss_fn", None)
+        if isinstance(loss, PolicyLoss) and loss.step_hook is not None:
+            loss.step_hook.new_rollout_batch()
+        return originals["ppo_train"](trainer, *args, **kwargs)
+
     module.PolicyLoss = PatchedPolicyLoss
-    module.ActorPPOTrainer.__init__ = __init__
-    _ACTIVE = OpenRLHFPatch(module, PatchedPolicyLoss, original_loss, original_init)
+    trainer_class.__init__ = __init__
+    trainer_class.ppo_train = ppo_train
+    _ACTIVE = OpenRLHFPatch(module, PatchedPolicyLoss, originals)
     logger.info("stable-async: patched %s.PolicyLoss (%s)", PPO_ACTOR_MODULE, options)
     return _ACTIVE
 

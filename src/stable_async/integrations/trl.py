@@ -51,18 +51,21 @@ What is translated (details and rationale: docs/integrations/trl.md):
   ``torch.no_grad`` (the top-K divergence only gates the trust region; the gradient flows through
   TRL's own log-probs), then `stable_async.divergence.gather_topk_logprobs`. Text-only models.
 
-Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, the entropy bonus (``entropy_coef`` / adaptive entropy), and the
-top-K losses without a ``rollout_func`` (TRL's own generation never returns top-K).
+* ``off_policy_mask_threshold``: `stable_async.opsm` with that δ, composed with the correction above.
 
-ESS, ESS-scaled LR and GAC: the ESS ratio is computed per optimizer step, at sequence level, over
-every micro-batch of the step (the per-micro-batch log-weights log π_θ − log μ are kept, detached,
-and reduced once at the last micro-batch with `stable_async.effective_sample_size`, which
-all-reduces across ranks), then staged on the `ESSScaledLR` wrapper that ``create_optimizer``
-puts around TRL's optimizer. GAC runs in a `TrainerCallback` at ``on_pre_optimizer_step`` (after
-clipping). Under DeepSpeed the step happens inside ``accelerator.backward``, so both run in a hook
-on the DeepSpeed engine's torch optimizer instead (`StableGRPOTrainer.install_deepspeed_hooks`,
-installed automatically at ``on_train_begin``).
+Not supported (``ValueError`` naming the setting at construction): ``top_entropy_quantile < 1``,
+the entropy bonus (``entropy_coef`` / adaptive entropy), and the top-K losses without a
+``rollout_func`` (TRL's own generation never returns top-K).
+
+ESS, ESS-scaled LR and GAC: each training micro-batch is recorded into the trainer's own
+`stable_async.StepAccumulator`; ``create_optimizer`` wraps TRL's optimizer so that the Trainer's
+``optimizer.step()`` is a `stable_async.StableStep` (after clipping: GAC, a possible skip, the
+accumulator reduced over all ranks, the ESS-scaled step; see `stable_async.integrations.stepping`).
+Each new generation is a new rollout batch for GAC (``num_iterations`` and buffered generation
+reuse one batch for several steps). Under DeepSpeed the step happens inside
+``accelerator.backward``, so the same step runs in the DeepSpeed engine's torch optimizer instead
+(`StableGRPOTrainer.install_deepspeed_hooks`, installed automatically at ``on_train_begin``).
+TRL's metric names are kept where TRL logs the quantity (``clip_ratio/*``, ``entropy``, ``kl``).
 """
 
 from __future__ import annotations
@@ -79,30 +82,29 @@ from trl import GRPOTrainer
 from stable_async.aggregate import aggregate
 from stable_async.batch import PolicyBatch
 from stable_async.correction import RolloutCorrection
-from stable_async.diagnostics import effective_sample_size
 from stable_async.distributed import world_size
 from stable_async.divergence import gather_topk_logprobs, k3
-from stable_async.integrations._options import option_settings
-from stable_async.optim.ess_lr import ESSScaledLR
+from stable_async.integrations.options import correction_option, ess_lr_settings, gac_settings
+from stable_async.integrations.stepping import SteppedOptimizer
+from stable_async.integrations.trl_translation import (
+    PREFIX,
+    TOPK_IDS_KEY,
+    TOPK_KEYS,
+    TOPK_LOGPROBS_KEY,
+    clip_flags,
+    metric_name,
+    pad_topk,
+    step_denominators,
+    trl_equivalent_loss,
+    trl_is_correction,
+)
+from stable_async.opsm import opsm
+from stable_async.optim.accumulator import StepAccumulator
 from stable_async.optim.gac import GradientAlignmentControl
 from stable_async.registry import Loss, get_loss
 
-__all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "TOPK_LOSSES", "StableGRPOTrainer", "trl_equivalent_loss"]
+__all__ = ["TOPK_IDS_KEY", "TOPK_LOGPROBS_KEY", "StableGRPOTrainer", "trl_equivalent_loss"]
 
-#: Losses that need the rollout engine's top-K log-probs (TRL keeps only the sampled token's).
-TOPK_LOSSES = frozenset({"dppo_topk_tv", "dppo_topk_kl"})
-#: ``rollout_func`` output keys for the top-K losses: per completion, one list of K token ids
-#: (resp. K sampler log-probs, after temperature like ``logprobs``) per completion token.
-TOPK_IDS_KEY = "topk_ids"
-TOPK_LOGPROBS_KEY = "topk_logprobs"
-_TOPK_KEYS = (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY)
-# Losses that already weight every token by the rollout policy μ (a second IS weight would double it).
-_REWEIGHTS_BY_ROLLOUT = frozenset({"decoupled_ppo", "vcpo"})
-_DPPO = frozenset({"dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"})
-# Our metric name -> TRL's name for the same quantity (token mean); everything else gets "stable_async/".
-_TRL_METRIC_NAMES = {"actor/pg_clipfrac": "clip_ratio/region_mean"}
-_DROPPED_METRICS = frozenset({"actor/pg_loss"})  # the Trainer already logs the step's `loss`
-_PREFIX = "stable_async/"
 _FORWARD_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -117,98 +119,8 @@ _FORWARD_KEYS = (
 )
 
 
-def trl_equivalent_loss(args: Any) -> tuple[str, dict[str, Any], str]:
-    """The stable-async loss that reproduces a ``GRPOConfig``'s built-in loss.
-
-    Returns ``(name, hyperparameters, token_normalizer)``. Mapping (TRL → stable-async):
-    ``grpo`` → ``ppo`` + ``seq-mean-token-mean``; ``bnpo`` → ``ppo`` + ``token-mean`` with the
-    micro-batch's token count (``"local"``); ``dr_grpo`` → ``ppo`` + ``seq-mean-token-sum-norm``
-    with ``norm_length = max_completion_length``; ``dapo`` → ``ppo`` + ``token-mean`` over the
-    step (``"global"``); ``cispo`` → ``cispo`` with ``eps_low=1``, ``eps_high=epsilon_high − 1``;
-    ``sapo`` → ``sapo`` (τ from ``sapo_temperature_pos/neg``). ``delta`` → ``ratio_cap``;
-    ``importance_sampling_level="sequence"`` → ``gspo`` with the same aggregation.
-    ``luspo`` and ``vespo`` have no equivalent (``ValueError``).
-    """
-    loss_type = args.loss_type
-    eps_low = args.epsilon
-    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    aggregation = {
-        "grpo": "seq-mean-token-mean",
-        "sapo": "seq-mean-token-mean",
-        "bnpo": "token-mean",
-        "dr_grpo": "seq-mean-token-sum-norm",
-        "dapo": "token-mean",
-        "cispo": "token-mean",
-    }.get(loss_type)
-    if aggregation is None:
-        raise ValueError(
-            f"policy_loss: TRL's loss_type={loss_type!r} has no stable-async equivalent; pass policy_loss= "
-            "(a registered name or a Loss) to StableGRPOTrainer"
-        )
-    settings: dict[str, Any] = {"aggregation": aggregation}
-    if loss_type == "dr_grpo":
-        settings["norm_length"] = float(args.max_completion_length)
-    normalizer = "local" if loss_type == "bnpo" else "global"
-    if loss_type == "cispo":
-        return "cispo", {**settings, "eps_low": 1.0, "eps_high": args.epsilon_high - 1.0}, normalizer
-    if loss_type == "sapo":
-        settings.update(tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
-        return "sapo", settings, normalizer
-    if args.importance_sampling_level == "sequence":
-        if args.delta is not None:
-            raise ValueError("delta: two-sided clipping with importance_sampling_level='sequence' has no equivalent")
-        return "gspo", {**settings, "eps_low": eps_low, "eps_high": eps_high}, normalizer
-    return "ppo", {**settings, "eps_low": eps_low, "eps_high": eps_high, "ratio_cap": args.delta}, normalizer
-
-
-def _trl_is_correction(trainer: Any) -> RolloutCorrection:
-    """TRL's vLLM IS mode as the equivalent `RolloutCorrection`."""
-    level, how = trainer.vllm_importance_sampling_mode.split("_")
-    return RolloutCorrection(
-        level=level,
-        mode=how,
-        low=trainer.vllm_importance_sampling_clip_min,
-        high=trainer.vllm_importance_sampling_clip_max,
-    )
-
-
-def _reweights_by_rollout(loss: Loss) -> bool:
-    if loss.name in _REWEIGHTS_BY_ROLLOUT:
-        return getattr(loss.config, "anchor", "rollout") == "rollout"
-    return loss.name in _DPPO and getattr(loss.config, "anchor", "rollout") == "rollout"
-
-
-def _pad_topk(completions: list[Any], ids: Any, logprobs: Any, completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A ``rollout_func``'s per-token top-K lists as (B, T, K) tensors aligned with ``completion_ids``."""
-    for key, value in ((TOPK_IDS_KEY, ids), (TOPK_LOGPROBS_KEY, logprobs)):
-        if not isinstance(value, (list, tuple)) or len(value) != len(completions):
-            raise ValueError(
-                f"rollout_func: {key!r} must be a list with one entry per completion ({len(completions)}) when "
-                f"{list(_TOPK_KEYS)} are returned, got {type(value).__name__}"
-                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
-            )
-    rows, length = completion_ids.shape
-    k = next((len(tok) for row in ids for tok in row), 0)
-    out_ids = torch.zeros(rows, length, k, dtype=torch.long)
-    out_lps = torch.zeros(rows, length, k, dtype=torch.float32)
-    for i, (completion, row_ids, row_lps) in enumerate(zip(completions, ids, logprobs, strict=True)):
-        n = len(completion)
-        if len(row_ids) != n or len(row_lps) != n:
-            raise ValueError(
-                f"rollout_func: completion {i} has {n} tokens but {len(row_ids)} {TOPK_IDS_KEY!r} and "
-                f"{len(row_lps)} {TOPK_LOGPROBS_KEY!r} entries (one list of K per completion token)"
-            )
-        if not n:
-            continue
-        if any(len(tok) != k for tok in row_ids) or any(len(tok) != k for tok in row_lps):
-            raise ValueError(f"rollout_func: every token's top-K must have the same K={k} ids and log-probs")
-        out_ids[i, :n] = torch.as_tensor(row_ids, dtype=torch.long)
-        out_lps[i, :n] = torch.tensor([[math.nan if x is None else float(x) for x in tok] for tok in row_lps])
-    return {TOPK_IDS_KEY: out_ids.to(completion_ids.device), TOPK_LOGPROBS_KEY: out_lps.to(completion_ids.device)}
-
-
 class _StepHook:
-    """Stands in for an optimizer inside `ESSScaledLR`: its ``param_groups`` and its original ``step``."""
+    """Stands in for an optimizer inside `SteppedOptimizer`: its ``param_groups`` and its original ``step``."""
 
     def __init__(self, optimizer: Any, step: Callable[..., Any]) -> None:
         self._optimizer = optimizer
@@ -226,7 +138,7 @@ class _StepHook:
 
 
 class StableAsyncCallback(TrainerCallback):
-    """Runs GAC at ``on_pre_optimizer_step`` and logs the ESS-LR / GAC metrics (added by the trainer)."""
+    """Installs the DeepSpeed step hook at ``on_train_begin`` (without DeepSpeed, the optimizer is wrapped)."""
 
     def __init__(self, trainer: StableGRPOTrainer) -> None:
         self.trainer = trainer
@@ -234,15 +146,6 @@ class StableAsyncCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.is_deepspeed_enabled and not self.trainer._sa_ds_hooked:
             self.trainer.install_deepspeed_hooks()
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trainer._sa_ds_hooked:  # the step already ran inside accelerator.backward
-            return
-        self.trainer._sa_before_step()
-
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self.trainer._sa_ds_hooked:
-            self.trainer._sa_after_step()
 
 
 class StableGRPOTrainer(GRPOTrainer):
@@ -258,9 +161,11 @@ class StableGRPOTrainer(GRPOTrainer):
             (pass the loss's own hyperparameters in ``loss_kwargs``).
         loss_kwargs: hyperparameters of ``policy_loss`` (with a name only), e.g. ``{"delta_high": 0.1,
             "aggregation": "seq-mean-token-mean"}``.
-        correction: a `RolloutCorrection` on the sampler's log-probs (replaces TRL's vLLM IS ratio),
-            ``False`` (no behavior weight), or ``None`` (TRL's vLLM IS mode, translated, unless the loss
-            already reweights by μ). See the module docstring.
+        correction: a correction on the sampler's log-probs (a `RolloutCorrection`, ``sa.opsm(...)`` or a
+            tuple of them; replaces TRL's vLLM IS ratio), ``False`` (no behavior weight), or ``None`` (TRL's
+            vLLM IS mode, translated, unless the loss already reweights by μ). TRL's
+            ``off_policy_mask_threshold`` adds ``sa.opsm(threshold)`` to whichever applies. See the module
+            docstring.
         ess_lr: ``True`` or a dict of `ESSScaledLR` keyword arguments (``rule``, ``base_ratio``,
             ``min_scale``, ``on_missing``) to scale each step's LR by the step's sequence-level ESS.
         gac: ``True`` or a dict of `GradientAlignmentControl` keyword arguments (``mode``,
@@ -276,41 +181,29 @@ class StableGRPOTrainer(GRPOTrainer):
         *args: Any,
         policy_loss: str | Loss | None = None,
         loss_kwargs: Mapping[str, Any] | None = None,
-        correction: RolloutCorrection | bool | None = None,
+        correction: Any = None,
         ess_lr: bool | Mapping[str, Any] | None = None,
         gac: bool | Mapping[str, Any] | None = None,
         token_normalizer: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self._sa_loss, normalizer = self._sa_build_loss(policy_loss, loss_kwargs)
-        if correction is True:
-            raise TypeError("correction: expected a stable_async.RolloutCorrection, False or None, got True")
-        if correction is not None and correction is not False and not isinstance(correction, RolloutCorrection):
-            raise TypeError(
-                f"correction: expected a stable_async.RolloutCorrection, False or None, got {type(correction).__name__}"
-            )
-        if isinstance(correction, RolloutCorrection) and self._sa_loss.config.correction is not None:
-            raise ValueError("correction: the policy_loss already has a correction in its config; pass it once")
-        self._sa_correction = correction
+        # Our options first: a typo fails before TRL loads the model.
+        self._sa_correction = correction_option(correction)
+        self._sa_ess_lr_settings = ess_lr_settings(ess_lr)
+        self._sa_gac_settings = gac_settings(gac)
         if token_normalizer not in (None, "global", "local"):
             raise ValueError(f"token_normalizer: expected 'global' or 'local', got {token_normalizer!r}")
+        super().__init__(*args, **kwargs)
+        self._sa_loss, normalizer = self._sa_build_loss(policy_loss, loss_kwargs)
+        if self._sa_correction not in (None, False) and self._sa_loss.config.correction is not None:
+            raise ValueError("correction: the policy_loss already has a correction in its config; pass it once")
         self._sa_token_normalizer = token_normalizer or normalizer
-        self._sa_ess_lr_settings = option_settings(ess_lr, "ess_lr")
-        self._sa_gac_settings = option_settings(gac, "gac")
         self._check_supported()
-        self._sa_ess_lr: ESSScaledLR | None = None
-        self._sa_gac: GradientAlignmentControl | None = None
-        self._sa_skip_next_step = False
-        self._sa_skipped = False  # the last step was cancelled by GAC (no ESS-LR metrics then)
+        self._sa_accumulator = StepAccumulator()  # this trainer's micro-batches of the current step
+        self._sa_stepper: SteppedOptimizer | None = None
         self._sa_ds_hooked = False
-        self._sa_ess_pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sa_loss_cache: dict[Any, tuple[Loss, float]] = {}
         self._sa_topk_rollout: tuple[list[Any], Any, Any] | None = None
-        if self._sa_gac_settings is not None:  # validate now, not at the first step
-            GradientAlignmentControl([torch.zeros(1)], **self._sa_gac_settings)
-        if self._sa_ess_lr_settings is not None:
-            ESSScaledLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._sa_ess_lr_settings)
         self.add_callback(StableAsyncCallback(self))
 
     # ------------------------------------------------------------------ construction
@@ -327,105 +220,76 @@ class StableGRPOTrainer(GRPOTrainer):
             loss, normalizer = get_loss(policy_loss, **dict(loss_kwargs or {})), "global"
         else:
             raise TypeError(f"policy_loss: expected a loss name, a stable_async.Loss or None, got {policy_loss!r}")
-        if loss.name in TOPK_LOSSES and self.rollout_func is None:
+        if loss.needs_topk and self.rollout_func is None:
             raise ValueError(
                 f"policy_loss: {loss.name!r} needs the rollout policy's top-K log-probs at every token, which TRL's "
                 "own generation does not keep (only the sampled token's log-prob); pass a rollout_func that returns "
-                f"{list(_TOPK_KEYS)}, or use 'dppo_binary_tv' / 'dppo_binary_kl' (see docs/integrations/trl.md)"
+                f"{list(TOPK_KEYS)}, or use 'dppo_binary_tv' / 'dppo_binary_kl' (see docs/integrations/trl.md)"
             )
         return loss, normalizer
 
     def _check_supported(self) -> None:
         if self.top_entropy_quantile < 1.0:
             raise ValueError("top_entropy_quantile: < 1 is not supported by StableGRPOTrainer; set it to 1.0")
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                "off_policy_mask_threshold: not supported by StableGRPOTrainer; use correction=RolloutCorrection(...)"
-            )
         if self._entropy_bonus_enabled:
             raise ValueError("entropy_coef: the entropy bonus is not supported by StableGRPOTrainer; set it to 0")
 
+    @property
+    def _sa_gac(self) -> GradientAlignmentControl | None:
+        return None if self._sa_stepper is None else self._sa_stepper.gac
+
+    @property
+    def _sa_ess_lr(self) -> SteppedOptimizer | None:
+        return self._sa_stepper
+
+    def _sa_wrap(self, optimizer: Any, sharded: Callable[[], bool] | None = None) -> SteppedOptimizer:
+        self._sa_stepper = SteppedOptimizer(
+            optimizer,
+            self._sa_accumulator,
+            ess_lr=self._sa_ess_lr_settings,
+            gac=self._sa_gac_settings,
+            on_metrics=lambda metrics: self._sa_log(metrics, "train", gather=False),
+            sharded=sharded,
+        )
+        return self._sa_stepper
+
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-        """TRL's optimizer, wrapped in `ESSScaledLR` when ``ess_lr`` is on; GAC over the trainable params."""
+        """TRL's optimizer, wrapped so that each ``step()`` is our `StableStep` (GAC, skip, ESS-scaled LR).
+
+        GAC sees the optimizer's parameters (the trainable ones: LoRA adapters only with PEFT).
+        """
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self._sa_ess_lr_settings is not None and not isinstance(optimizer, ESSScaledLR):
-            optimizer = ESSScaledLR(optimizer, **self._sa_ess_lr_settings)
+        if not isinstance(optimizer, SteppedOptimizer):
+            optimizer = self._sa_wrap(optimizer)
             self.optimizer = optimizer
-        if isinstance(optimizer, ESSScaledLR):
-            self._sa_ess_lr = optimizer
-        if self._sa_gac_settings is not None and self._sa_gac is None and not self.is_deepspeed_enabled:
-            params = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self._sa_gac = GradientAlignmentControl(params, **self._sa_gac_settings)
-            self._sa_gate(optimizer)
         return optimizer
-
-    def _sa_gate(self, optimizer: Any) -> None:
-        """Let GAC's skip decision cancel the next ``optimizer.step()`` (the Trainer always calls it)."""
-        inner = optimizer.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self._sa_skip_next_step:
-                self._sa_skip_next_step, self._sa_skipped = False, True
-                return None
-            return inner(*args, **kwargs)
-
-        optimizer.step = step
 
     def install_deepspeed_hooks(self, engine: Any = None) -> None:
         """Run GAC and the ESS-scaled step inside the DeepSpeed engine's optimizer step.
 
-        Under DeepSpeed, ``accelerator.backward`` runs ``engine.step()`` at the last micro-batch, so the
-        Trainer's ``on_pre_optimizer_step`` comes too late. This wraps the *torch* optimizer DeepSpeed
-        steps (``engine.optimizer.optimizer`` for ZeRO / bf16 wrappers, else ``engine.optimizer``):
-        there the gradients are reduced, unscaled and clipped, and under ZeRO each rank holds a disjoint
-        fp32 partition (GAC then all-reduces its sums: ``sharded=True``). Called automatically at
-        ``on_train_begin`` when DeepSpeed is enabled. Untested against a real DeepSpeed engine (no GPU
-        in CI); the hook itself is tested on a plain torch optimizer.
+        Under DeepSpeed, ``accelerate.backward`` runs ``engine.step()`` at the last micro-batch, so the
+        Trainer's own ``optimizer.step()`` comes too late. DeepSpeed steps a *torch* optimizer
+        (``engine.optimizer.optimizer`` for ZeRO / bf16 wrappers, else ``engine.optimizer``): there the
+        gradients are reduced, unscaled and clipped, and under ZeRO each rank holds a disjoint fp32
+        partition (GAC then all-reduces its sums: ``sharded=True``). When that optimizer is the one
+        ``create_optimizer`` wrapped, it already steps through `StableStep`; otherwise its ``step`` is
+        replaced by one. Called automatically at ``on_train_begin`` when DeepSpeed is enabled. Untested
+        against a real DeepSpeed engine (no GPU in CI); the hook itself is tested on a plain torch optimizer.
         """
         engine = engine if engine is not None else self.model_wrapped
         outer = engine.optimizer
         base = getattr(outer, "optimizer", outer)
-        if isinstance(base, ESSScaledLR):  # create_optimizer's wrapper became DeepSpeed's base optimizer
-            ess, inner = base, base.optimizer
-        else:
-            ess, inner = None, base
-        original = base.step
-        if ess is None and self._sa_ess_lr_settings is not None:
-            ess = ESSScaledLR(_StepHook(inner, original), **self._sa_ess_lr_settings)
-        self._sa_ess_lr = ess
         stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self._sa_gac_settings is not None and self._sa_gac is None:
-                params = [p for group in inner.param_groups for p in group["params"]]
-                sharded = stage >= 1 and world_size() > 1
-                self._sa_gac = GradientAlignmentControl(params, sharded=sharded, **self._sa_gac_settings)
-            self._sa_before_step()
-            if self._sa_skip_next_step:
-                self._sa_skip_next_step, self._sa_skipped = False, True
-                result = None
-            else:
-                result = ess.step() if ess is not None and ess is not base else original(*args, **kwargs)
-            self._sa_after_step()
-            return result
+        def sharded() -> bool:
+            return stage >= 1 and world_size() > 1
 
-        base.step = step
+        if isinstance(base, SteppedOptimizer):
+            base.sharded = sharded
+        else:
+            stepper = self._sa_wrap(_StepHook(base, base.step), sharded=sharded)
+            base.step = stepper.step
         self._sa_ds_hooked = True
-
-    # ------------------------------------------------------------------ optimizer-side steps
-    def _sa_before_step(self) -> None:
-        if self._sa_gac is None:
-            return
-        metrics = self._sa_gac.apply()
-        self._sa_skip_next_step = self._sa_gac.should_skip
-        self._sa_log(metrics, "train", gather=False)
-
-    def _sa_after_step(self) -> None:
-        if self._sa_skipped:
-            self._sa_skipped = False
-            return
-        if self._sa_ess_lr is not None and self._sa_ess_lr.last_metrics:
-            self._sa_log(self._sa_ess_lr.last_metrics, "train", gather=False)
 
     # ------------------------------------------------------------------ the rollout's top-K
     def _generate(self, prompts: list) -> Any:
@@ -437,18 +301,21 @@ class StableGRPOTrainer(GRPOTrainer):
         """
         result = super()._generate(prompts)
         extra = result[5] or {}
-        if any(key in extra for key in _TOPK_KEYS):
+        if any(key in extra for key in TOPK_KEYS):
             self._sa_topk_rollout = (result[1], extra.get(TOPK_IDS_KEY), extra.get(TOPK_LOGPROBS_KEY))
         return result
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's batch, plus ``topk_ids`` (B, T, K) int64 / ``topk_logprobs`` (B, T, K) fp32 when the
-        ``rollout_func`` returned them (padding positions: id 0, log-prob 0; masked by the loss)."""
+        """A new rollout batch (GAC is told): TRL's batch, plus ``topk_ids`` (B, T, K) int64 /
+        ``topk_logprobs`` (B, T, K) fp32 when the ``rollout_func`` returned them (padding positions:
+        id 0, log-prob 0; masked by the loss)."""
         self._sa_topk_rollout = None
+        if self.model.training and self._sa_stepper is not None:
+            self._sa_stepper.new_rollout_batch()  # TRL reuses it num_iterations × steps_per_generation / GA steps
         output = super()._generate_and_score_completions(inputs)
         stash, self._sa_topk_rollout = self._sa_topk_rollout, None
         if stash is not None:
-            output.update(_pad_topk(*stash, output["completion_ids"]))
+            output.update(pad_topk(*stash, output["completion_ids"]))
         return output
 
     def _sa_current_topk(
@@ -461,11 +328,11 @@ class StableGRPOTrainer(GRPOTrainer):
         runs under ``no_grad``: the top-K divergence only decides which tokens the trust region
         masks (the gradient goes through TRL's own log-probs).
         """
-        missing = [key for key in _TOPK_KEYS if inputs.get(key) is None]
+        missing = [key for key in TOPK_KEYS if inputs.get(key) is None]
         if missing:
             raise ValueError(
                 f"policy_loss: {self._sa_loss.name!r} needs the rollout policy's top-K at every completion token, "
-                f"but the inputs lack {missing}: the rollout_func must return {list(_TOPK_KEYS)} (per completion, "
+                f"but the inputs lack {missing}: the rollout_func must return {list(TOPK_KEYS)} (per completion, "
                 "per token, K token ids and the sampler's log-probs at them, the sampled token included); see "
                 "docs/integrations/trl.md"
             )
@@ -484,129 +351,164 @@ class StableGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the loss
     def _sa_loss_for(self, trl_is_on: bool) -> tuple[Loss, float]:
-        """The loss with the correction chosen by the IS rule, and whether TRL's IS mode was translated."""
+        """The loss with the corrections chosen by the IS rule (+ OPSM), and whether TRL's IS mode was translated."""
         key = (trl_is_on, self.vllm_importance_sampling_mode if trl_is_on else None)
         if key in self._sa_loss_cache:
             return self._sa_loss_cache[key]
-        correction: RolloutCorrection | None = None
-        if isinstance(self._sa_correction, RolloutCorrection):
-            correction = self._sa_correction
-        elif self._sa_correction is None and self._sa_loss.config.correction is None and trl_is_on:
-            # TRL's IS mode, translated; unless the loss already weights by the rollout policy.
-            correction = None if _reweights_by_rollout(self._sa_loss) else _trl_is_correction(self)
         loss = self._sa_loss
-        if correction is not None:
+        correction = loss.config.correction
+        translated = 0.0
+        if self._sa_correction is not None and self._sa_correction is not False:
+            correction = self._sa_correction
+        elif self._sa_correction is None and correction is None and trl_is_on and not loss.weights_by_rollout:
+            correction, translated = self._sa_trl_is_correction(), 1.0  # TRL's IS mode, translated
+        if self.off_policy_mask_threshold is not None:  # TRL's OPSM, composed with the correction
+            mask = opsm(self.off_policy_mask_threshold)
+            correction = mask if correction is None else (correction, mask)
+        if correction is not loss.config.correction:
             loss = get_loss(loss.name, config=dataclasses.replace(loss.config, correction=correction))
-        translated = float(correction is not None and not isinstance(self._sa_correction, RolloutCorrection))
         self._sa_loss_cache[key] = (loss, translated)
         return loss, translated
 
+    def _sa_trl_is_correction(self) -> RolloutCorrection:
+        return trl_is_correction(
+            self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_min,
+            self.vllm_importance_sampling_clip_max,
+        )
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        """TRL's loss hook: TRL's forward and batch, our loss, TRL's metric sink."""
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
-            completion_ids.size(1),
+            inputs["completion_ids"].size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
-        mode = "train" if self.model.training else "eval"
-        valid = mask.bool()
-
-        old = inputs.get("old_per_token_logps")
-        old = per_token_logps.detach() if old is None else old
-        sampling = inputs.get("sampling_per_token_logps")
         metrics: dict[str, float] = {}
+        batch = self._sa_policy_batch(inputs, logps, mask, mode, metrics)
+        if self._sa_loss.needs_topk:
+            topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
+            batch = dataclasses.replace(batch, **topk)
+        loss_fn, translated = self._sa_loss_for(bool(self.use_vllm and self.vllm_importance_sampling_correction))
+        out = loss_fn(batch)
+        metrics[PREFIX + "trl_is_applied"] = translated
+        metrics.update(out.metrics)
+        loss = out.loss
+        if self.beta != 0.0:
+            loss = loss + self._sa_kl_term(inputs, batch, loss_fn, mask, mode)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / self._sa_accumulation(mode)
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, batch.mask))
+        self._sa_log_clip_ratios(batch, inputs["advantages"], loss_fn, mode)
+        if mode == "train":  # the step's ESS is reduced by this trainer's optimizer step
+            self._sa_accumulator.record(batch)
+        self._sa_log(metrics, mode, gather=True)
+        return loss
+
+    def _sa_accumulation(self, mode: str) -> int:
+        """Micro-batches in this optimizer step (set by the Trainer; the last step of an epoch may be shorter)."""
+        if mode != "train":
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _sa_policy_batch(
+        self, inputs: Mapping[str, Any], logps: torch.Tensor, mask: torch.Tensor, mode: str, metrics: dict[str, float]
+    ) -> PolicyBatch:
+        """TRL's tensors as a `PolicyBatch` (old / rollout log-probs by TRL's rules, GA-scaled global counts)."""
+        valid = mask.bool()
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        sampling = inputs.get("sampling_per_token_logps")
         if sampling is not None:
             unscored = torch.isnan(sampling)
             rollout = torch.where(unscored, old.to(sampling.dtype), sampling)
-            metrics[_PREFIX + "rollout_logprobs_unscored_frac"] = float((unscored & valid).sum()) / max(
-                float(valid.sum()), 1.0
-            )
-            metrics[_PREFIX + "rollout_logprobs_source"] = 1.0
+            scored_frac = float((unscored & valid).sum()) / max(float(valid.sum()), 1.0)
+            metrics[PREFIX + "rollout_logprobs_unscored_frac"] = scored_frac
         else:
             rollout = old
-            metrics[_PREFIX + "rollout_logprobs_source"] = 0.0
-
-        # Global counts: the loss is scaled for gradient accumulation the way TRL's is.
+        metrics[PREFIX + "rollout_logprobs_source"] = float(sampling is not None)
         processes = self.accelerator.num_processes
-        # Set by the Trainer per optimizer step (the last step of an epoch may be shorter).
-        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        accumulation = steps if mode == "train" else 1
-        if self._sa_token_normalizer == "global":
-            tokens = float(inputs["num_items_in_batch"])
-            if mode == "train":
-                tokens = tokens * accumulation / self.args.steps_per_generation
-        else:
-            tokens = float(valid.sum()) * accumulation * processes
-        topk = {}
-        if self._sa_loss.name in TOPK_LOSSES:
-            topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
-        batch = PolicyBatch(
-            logprobs=per_token_logps,
+        tokens, seqs = step_denominators(
+            normalizer=self._sa_token_normalizer,
+            num_items_in_batch=float(inputs["num_items_in_batch"]),
+            valid_tokens=float(valid.sum()),
+            rows=valid.shape[0],
+            accumulation=self._sa_accumulation(mode),
+            steps_per_generation=self.args.steps_per_generation,
+            processes=processes,
+            training=mode == "train",
+        )
+        return PolicyBatch(
+            logprobs=logps,
             advantages=inputs["advantages"],
             mask=valid,
             old_logprobs=old,
             rollout_logprobs=rollout,
             global_num_tokens=tokens,
-            global_num_seqs=float(valid.shape[0] * accumulation * processes),
+            global_num_seqs=seqs,
             dp_size=processes,
-            **topk,
         )
-        trl_is_on = bool(self.use_vllm and self.vllm_importance_sampling_correction)
-        loss_fn, translated = self._sa_loss_for(trl_is_on)
-        out = loss_fn(batch)
-        loss = out.loss
-        metrics[_PREFIX + "trl_is_applied"] = translated
-        metrics.update(out.metrics)
 
-        if self.beta != 0.0:
-            per_token_kl = k3(inputs["ref_per_token_logps"], per_token_logps)
-            if self.args.use_bias_correction_kl:  # TRL's own KL weighting (its default), reproduced as TRL does it
-                log_ratio = per_token_logps - batch.old_logprobs
-                if self.importance_sampling_level == "sequence":
-                    log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-                per_token_kl = per_token_kl * torch.exp(log_ratio)
-            loss = loss + self.beta * aggregate(
-                per_token_kl,
-                valid,
-                loss_fn.config.aggregation,
-                global_num_tokens=batch.global_num_tokens,
-                global_num_seqs=batch.global_num_seqs,
-                dp_size=batch.dp_size,
-                norm_length=loss_fn.config.norm_length,
-            )
-            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl.detach(), valid))
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, valid))
-
-        if mode == "train":
-            self._sa_ess_pieces.append((per_token_logps.detach() - rollout.to(per_token_logps.dtype), valid))
-            if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
-                ess = self._sa_step_ess()
-                metrics[_PREFIX + "ess_ratio"] = ess.ess_ratio
-                if self._sa_ess_lr is not None:
-                    self._sa_ess_lr.set_ess_ratio(ess.ess_ratio)
-        self._sa_log(metrics, mode, gather=True)
-        return loss
-
-    def _sa_step_ess(self) -> Any:
-        """Sequence-level ESS of log π_θ − log μ over every micro-batch of the step, all ranks."""
-        pieces, self._sa_ess_pieces = self._sa_ess_pieces, []
-        length = max(lw.shape[1] for lw, _ in pieces)
-        log_w = torch.cat([torch.nn.functional.pad(lw, (0, length - lw.shape[1])) for lw, _ in pieces])
-        mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
-        return effective_sample_size(log_w, mask, level="sequence")
+    def _sa_kl_term(
+        self, inputs: Mapping[str, Any], batch: PolicyBatch, loss_fn: Loss, mask: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """β · k3(ref, π_θ) per token (× TRL's π_θ/π_old with ``use_bias_correction_kl``), aggregated like the loss."""
+        per_token_kl = k3(inputs["ref_per_token_logps"], batch.logprobs)
+        if self.args.use_bias_correction_kl:  # TRL's own KL weighting (its default), reproduced as TRL does it
+            log_ratio = batch.logprobs - batch.old_logprobs
+            if self.importance_sampling_level == "sequence":
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+            per_token_kl = per_token_kl * torch.exp(log_ratio)
+        self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl.detach(), batch.mask))
+        return self.beta * aggregate(
+            per_token_kl,
+            batch.mask,
+            loss_fn.config.aggregation,
+            global_num_tokens=batch.global_num_tokens,
+            global_num_seqs=batch.global_num_seqs,
+            dp_size=batch.dp_size,
+            norm_length=loss_fn.config.norm_length,
+        )
 
     # ------------------------------------------------------------------ metrics
+    def _sa_log_clip_ratios(self, batch: PolicyBatch, advantages: torch.Tensor, loss_fn: Loss, mode: str) -> None:
+        """TRL's ``clip_ratio/{low_mean,low_min,high_mean,high_max,region_mean}``, reduced as TRL reduces them.
+
+        The ratio is TRL's (π_θ/π_old at ``importance_sampling_level``); ε and the cap are the loss's own
+        (``eps_low``, ``eps_high``, ``ratio_cap``) when its config has them, else TRL's ``epsilon*`` / ``delta``.
+        """
+        config = loss_fn.config
+        has_eps = hasattr(config, "eps_low") and hasattr(config, "eps_high")
+        low, high = clip_flags(
+            batch.logprobs.detach() - batch.old_logprobs,
+            advantages,
+            batch.mask,
+            eps_low=config.eps_low if has_eps else self.epsilon_low,
+            eps_high=config.eps_high if has_eps else self.epsilon_high,
+            level=self.importance_sampling_level,
+            ratio_cap=getattr(config, "ratio_cap", None) if has_eps else self.args.delta,
+        )
+        per_row = low.shape[1] == 1
+        mask = torch.ones_like(low) if per_row else batch.mask
+        sink = self._metrics[mode]
+        for name, flags in (("low_mean", low), ("high_mean", high), ("region_mean", low | high)):
+            sink[f"clip_ratio/{name}"].append(self._global_masked_mean(flags.float(), mask))
+        for name, flags, reduce in (("low_min", low, torch.min), ("high_max", high, torch.max)):
+            per_seq = flags.float().squeeze(1) if per_row else (flags * mask).sum(-1) / mask.sum(-1)
+            gathered = self.accelerator.gather(per_seq)
+            finite = gathered[~torch.isnan(gathered)]
+            sink[f"clip_ratio/{name}"].append(reduce(finite).item() if finite.numel() else math.nan)
+
     def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
         totals = torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])
         totals = self.accelerator.reduce(totals, reduction="sum")
@@ -616,10 +518,10 @@ class StableGRPOTrainer(GRPOTrainer):
         """Append metrics to TRL's ``self._metrics[mode]`` under translated names (rank mean if ``gather``)."""
         names, values = [], []
         for name, value in metrics.items():
-            if name in _DROPPED_METRICS:
-                continue
-            names.append(_TRL_METRIC_NAMES.get(name, name if name.startswith(_PREFIX) else _PREFIX + name))
-            values.append(float(value))
+            translated = metric_name(name)
+            if translated is not None:
+                names.append(translated)
+                values.append(float(value))
         if not names:
             return
         if gather and self.accelerator.num_processes > 1:
