@@ -74,3 +74,35 @@ def loss_worker(rank, world_size, path):
             out[key] = value / world_size
     if rank == 0:
         torch.save(out, path)
+
+
+# --------------------------------------------------------------------------- step accumulator
+# Micro-batches of each rank: (rows, width). Unequal rows, widths and counts; rank 1's second
+# micro-batch has a fully masked row (row 1 of `loss_data`); rank 0 records one micro-batch less.
+STEP_MICRO_BATCHES = [[(slice(0, 1), 4), (slice(1, 3), 6)], [(slice(3, 5), 5), (slice(5, 7), 6), (slice(0, 2), 3)]]
+
+
+def step_results(micro_batches, distributed):
+    """StepAccumulator statistics and the parameters after one StableStep, for these micro-batches."""
+    data, theta = loss_data()
+    log_w = (data["base"] + data["features"] @ theta) - data["rollout"]
+    acc = sa.StepAccumulator()
+    for rows, width in micro_batches:
+        acc.record_log_weights(3.0 * log_w[rows, :width], data["mask"][rows, :width])
+    param = torch.nn.Parameter(torch.arange(4, dtype=torch.float64))
+    param.grad = torch.full((4,), 0.5, dtype=torch.float64)  # the DP-averaged gradient, equal on every rank
+    step = sa.StableStep(torch.optim.SGD([param], lr=1.0), acc, rule="linear")
+    stats = acc.reduce()
+    metrics = step()
+    keys = ("vcpo/ess_ratio", "vcpo/lr_scale", "vcpo/ess", "vcpo/ess_num_seqs", "vcpo/token_ess_ratio")
+    keys += ("vcpo/ess_num_tokens", "vcpo/mismatch_kl", "vcpo/mismatch_k3_kl", "vcpo/log_ratio_max")
+    out = {key: torch.tensor(metrics[key], dtype=torch.float64) for key in (*keys, "vcpo/log_ratio_min")}
+    out["token_ess"] = torch.tensor(stats.token.ess, dtype=torch.float64)
+    out["param"] = param.detach().clone()
+    return out
+
+
+def step_worker(rank, world_size, path):
+    out = step_results(STEP_MICRO_BATCHES[rank], distributed=True)
+    if rank == 0:
+        torch.save(out, path)

@@ -8,15 +8,17 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
-from stable_async import baselines, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
+from stable_async import baselines, checks, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
 from stable_async.diagnostics import ESSResult, effective_sample_size
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
+from stable_async.optim.accumulator import StepAccumulator, StepStatistics
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
+from stable_async.optim.step import StableStep
 from stable_async.registry import (
     Loss,
     LossSpec,
@@ -42,10 +44,14 @@ __all__ = [
     "LossSpec",
     "PolicyBatch",
     "RolloutCorrection",
+    "StableStep",
+    "StepAccumulator",
+    "StepStatistics",
     "__version__",
     "aggregate",
     "available_losses",
     "baselines",
+    "checks",
     "delight_gate",
     "divergence",
     "effective_sample_size",

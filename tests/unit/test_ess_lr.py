@@ -301,3 +301,82 @@ def test_state_dict_interoperates_with_plain_optimizer():
     with pytest.warns(UserWarning, match="rule"):
         other.load_state_dict(opt.state_dict())
     assert other.rule == "linear"
+
+
+# ---------------------------------------------------------------------- D7: a real torch.optim.Optimizer
+def test_d7_is_an_optimizer_that_lr_schedulers_accept():
+    """D7: ESSScaledLR stays a torch.optim.Optimizer subclass (LambdaLR checks isinstance)."""
+    opt = sa.ESSScaledLR(torch.optim.SGD([make_param()], lr=1.0))
+    assert isinstance(opt, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    opt.step(1.0)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_d7_step_pre_and_post_hooks_run_around_each_step():
+    """D7: register_step_pre_hook / register_step_post_hook raised AttributeError on the old wrapper."""
+    p = make_param()
+    opt = sa.ESSScaledLR(torch.optim.SGD([p], lr=1.0))
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o is opt, o.param_groups[0]["lr"])))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", args[1:], kwargs)))
+    set_grad(p, 0)
+    opt.step(0.25)
+    assert seen == [("pre", True, 1.0), ("post", (0.25,), {})]
+    pre.remove()
+    post.remove()
+    opt.step(0.25)
+    assert len(seen) == 2
+
+
+def test_d7_step_pre_hook_may_replace_the_arguments():
+    p = make_param()
+    opt = sa.ESSScaledLR(torch.optim.SGD([p], lr=1.0))
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((o, 0.25), {}))
+    set_grad(p, 0)
+    opt.step(1.0)
+    assert opt.last_scale == 0.5
+
+
+def test_d7_state_dict_hooks():
+    opt = sa.ESSScaledLR(torch.optim.SGD([make_param()], lr=1.0))
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    state = opt.state_dict()
+    assert seen == ["pre"] and state["extra"] == 1 and "ess_scaled_lr" in state
+
+
+def test_d7_load_state_dict_hooks():
+    source = sa.ESSScaledLR(torch.optim.SGD([make_param()], lr=1.0))
+    source.step(0.25)
+    state = source.state_dict()
+    target = sa.ESSScaledLR(torch.optim.SGD([make_param()], lr=1.0))
+    seen = []
+
+    def pre(o, sd):
+        seen.append("pre")
+        return {**sd, "ess_scaled_lr": {**sd["ess_scaled_lr"], "num_steps": 41}}
+
+    target.register_load_state_dict_pre_hook(pre)
+    target.register_load_state_dict_post_hook(lambda o: seen.append(("post", o.num_steps)))
+    target.load_state_dict(state)
+    assert seen == ["pre", ("post", 41)]
+
+
+def test_d7_zero_grad_and_hooks_survive_pickling():
+    p = make_param()
+    opt = sa.ESSScaledLR(torch.optim.SGD([p], lr=1.0))
+    set_grad(p, 0)
+    opt.zero_grad()
+    assert p.grad is None
+    set_grad(p, 1)
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(p.grad, torch.zeros_like(p))
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    clone = torch.load(buffer, weights_only=False)
+    clone.register_step_post_hook(lambda *a: None)
+    clone.step(1.0)

@@ -14,7 +14,12 @@ learning-rate scheduler therefore never sees the scaled value: LambdaLR / cosine
 and chainable schedulers that read ``group["lr"]``, behave as if the wrapper were absent. The
 wrapper is a `torch.optim.Optimizer` (it forwards ``param_groups``, ``state`` and ``defaults``
 to the wrapped optimizer), so a scheduler may be built on either the wrapper or the wrapped
-optimizer.
+optimizer, and every `torch.optim.Optimizer` hook registration works on it: step pre/post
+hooks run around `ESSScaledLR.step`, state-dict and load-state-dict pre/post hooks around
+`ESSScaledLR.state_dict` / `ESSScaledLR.load_state_dict` (hooks registered on the wrapped
+optimizer run too, when the wrapper calls it). `ESSScaledLR.scaled_step` is the same step
+without the wrapper's own step hooks (for a caller, such as `stable_async.StableStep`, that is
+itself called from a hooked ``step``).
 
 Missing ESS (``step()`` without ``ess_ratio`` and nothing staged with `set_ess_ratio`),
 controlled by ``on_missing``:
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +122,8 @@ class ESSScaledLR(torch.optim.Optimizer):
         min_scale: float = 0.0,
         on_missing: str = "base",
     ) -> None:
-        # Deliberately no super().__init__: every Optimizer field is forwarded to `optimizer`.
+        # No Optimizer.__init__ (it would replace the wrapped optimizer's param_groups and state,
+        # which are forwarded); its hook registries are set up by `_init_hooks` instead.
         if isinstance(optimizer, ESSScaledLR):
             raise TypeError("optimizer: already an ESSScaledLR; wrap the underlying optimizer once")
         groups = getattr(optimizer, "param_groups", None)
@@ -148,6 +155,21 @@ class ESSScaledLR(torch.optim.Optimizer):
         self.last_metrics: dict[str, float] = {}
         self._pending: float | None = None
         self._warned_missing = False
+        self._init_hooks()
+
+    def _init_hooks(self) -> None:
+        """The hook registries `torch.optim.Optimizer.__init__` creates, and its hooked ``step``."""
+        for name in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        self._patch_step_function()  # wraps type(self).step once: runs the step pre/post hooks
 
     # ------------------------------------------------------------------ forwarding
     @property
@@ -185,6 +207,7 @@ class ESSScaledLR(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._init_hooks()
 
     def __repr__(self) -> str:
         return (
@@ -202,6 +225,10 @@ class ESSScaledLR(torch.optim.Optimizer):
         return ess_lr_scale(_as_ess_ratio(ess_ratio), self.rule, self.base_ratio, self.min_scale)
 
     def step(self, ess_ratio: Any = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """`scaled_step`, with the step pre/post hooks registered on this wrapper around it."""
+        return self.scaled_step(ess_ratio, closure)
+
+    def scaled_step(self, ess_ratio: Any = None, closure: Callable[[], Any] | None = None) -> Any:
         """One step of the wrapped optimizer at ``lr · s``; the previous ``lr`` values are restored.
 
         Args:
@@ -257,8 +284,11 @@ class ESSScaledLR(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus this wrapper's state under ``"ess_scaled_lr"``.
 
         A plain optimizer's ``load_state_dict`` ignores the extra key, and `load_state_dict`
-        accepts a plain optimizer state dict, so checkpoints move both ways.
+        accepts a plain optimizer state dict, so checkpoints move both ways. State-dict hooks
+        registered on the wrapper run as in `torch.optim.Optimizer.state_dict`.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = dict(self.optimizer.state_dict())
         state[_STATE_KEY] = {
             "num_steps": self.num_steps,
@@ -271,16 +301,31 @@ class ESSScaledLR(torch.optim.Optimizer):
             "min_scale": self.min_scale,
             "on_missing": self.on_missing,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore the wrapped optimizer and this wrapper's counters.
 
         Settings (rule, base_ratio, min_scale, on_missing) stay as constructed; a checkpoint
-        saved with other settings gives a warning.
+        saved with other settings gives a warning. Load-state-dict hooks registered on the
+        wrapper run as in `torch.optim.Optimizer.load_state_dict` (a pre-hook may return a new dict).
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_own_state(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         inner = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         self.optimizer.load_state_dict(inner)
         own = state_dict.get(_STATE_KEY)
