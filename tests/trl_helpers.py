@@ -129,3 +129,86 @@ def assert_same_loss_and_grads(ours, theirs):
     torch.testing.assert_close(ours[0], theirs[0].to(ours[0].dtype), rtol=1e-6, atol=1e-9)
     for mine, ref in zip(ours[1], theirs[1], strict=True):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def trl_compute_loss_fp64(logprobs, inputs, *, loss_type, entropies=None, **settings):
+    """TRL's real ``GRPOTrainer._compute_loss`` on given fp64 log-probs, without a model.
+
+    ``_compute_loss`` reads its log-probs from ``self._get_per_token_logps_and_entropies``; here
+    ``self`` is a stand-in holding TRL's defaults (``GRPOConfig``'s fields), the settings passed,
+    and a single-process accelerator, and that method returns ``logprobs`` (the leaf whose
+    gradient the caller takes). Everything else runs TRL's own code, in fp64. ``inputs`` needs
+    ``completion_mask``, ``advantages`` and whichever of ``old_per_token_logps``,
+    ``sampling_per_token_logps``, ``importance_sampling_ratio``, ``num_items_in_batch`` the
+    settings read. Settings: ``GRPOConfig`` field names, plus ``use_vllm`` /
+    ``vllm_importance_sampling_correction`` (trainer attributes).
+    """
+    import collections
+    import dataclasses
+    import types
+
+    import trl
+
+    defaults = {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**{**defaults, "steps_per_generation": 1, **settings})
+    accelerator = types.SimpleNamespace(
+        num_processes=1,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction="sum": x,
+        sync_gradients=True,
+    )
+    mask = inputs["completion_mask"]
+    ent = torch.zeros_like(logprobs) if entropies is None else entropies
+
+    class Stand(trl.GRPOTrainer):
+        def __init__(self):  # no model, no trainer state: only what _compute_loss reads
+            pass
+
+        def _get_per_token_logps_and_entropies(self, *unused, **unused_kw):
+            return logprobs, ent, None
+
+    stand = Stand()
+    epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    vars(stand).update(
+        args=args,
+        loss_type=loss_type,
+        beta=args.beta,
+        epsilon_low=args.epsilon,
+        epsilon_high=epsilon_high,
+        importance_sampling_level=args.importance_sampling_level,
+        off_policy_mask_threshold=args.off_policy_mask_threshold,
+        top_entropy_quantile=args.top_entropy_quantile,
+        use_vllm=settings.get("use_vllm", False),
+        vllm_importance_sampling_correction=settings.get("vllm_importance_sampling_correction", False),
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        accelerator=accelerator,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+    )
+    B = mask.shape[0]
+    full = {
+        "prompt_ids": torch.ones(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.ones_like(mask, dtype=torch.long),
+        **inputs,
+    }
+    loss = trl.GRPOTrainer._compute_loss(stand, None, full)
+    return loss, stand._metrics["train"]
+
+
+def trl_inputs(mask, advantages, old, sampling=None, is_ratio=None):
+    """The ``inputs`` dict `trl_compute_loss_fp64` reads (the optional keys only when given)."""
+    inputs = {
+        "completion_mask": mask.long(),
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum().double(),
+    }
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
+    return inputs

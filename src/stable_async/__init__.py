@@ -12,9 +12,11 @@ from stable_async import baselines, checks, divergence, losses, registry  # noqa
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
+from stable_async.correction_chain import CorrectionChain
 from stable_async.diagnostics import ESSResult, effective_sample_size
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
+from stable_async.opsm import OffPolicySequenceMask, opsm
 from stable_async.optim.accumulator import StepAccumulator, StepStatistics
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
@@ -28,12 +30,14 @@ from stable_async.registry import (
     loss_spec,
     register_loss,
 )
+from stable_async.sampling import sampling_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATION_MODES",
     "BatchValidationError",
+    "CorrectionChain",
     "CorrectionResult",
     "ESSResult",
     "ESSScaledLR",
@@ -42,6 +46,7 @@ __all__ = [
     "LossConfig",
     "LossOutput",
     "LossSpec",
+    "OffPolicySequenceMask",
     "PolicyBatch",
     "RolloutCorrection",
     "StableStep",
@@ -59,7 +64,9 @@ __all__ = [
     "icepop",
     "loss_config_class",
     "loss_spec",
+    "opsm",
     "register_loss",
+    "sampling_logprobs",
     "sequence_mask",
     "token_tis",
 ]

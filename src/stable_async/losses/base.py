@@ -19,7 +19,7 @@ from stable_async.aggregate import aggregate, aggregate_sequences, check_aggrega
 
 if TYPE_CHECKING:
     from stable_async.batch import PolicyBatch
-    from stable_async.correction import RolloutCorrection
+    from stable_async.correction_chain import Correction
 
 
 @dataclass
@@ -44,23 +44,21 @@ class LossConfig:
 
     Attributes:
         aggregation: one of the modes in `stable_async.aggregate` (default ``token-mean``).
-        correction: an optional `RolloutCorrection` applied to the per-token loss.
+        correction: an optional `RolloutCorrection`, `OffPolicySequenceMask` (``sa.opsm``), or a tuple
+            of them (a `CorrectionChain`), applied to the per-token loss.
         norm_length: the constant L of ``seq-mean-token-sum-norm`` (default: the batch's T).
     """
 
     aggregation: str = "token-mean"
-    correction: RolloutCorrection | None = None
+    correction: Correction | None = None
     norm_length: float | None = None
 
     def __post_init__(self) -> None:
         check_aggregation(self.aggregation)
         if self.correction is not None:
-            from stable_async.correction import RolloutCorrection
+            from stable_async.correction_chain import as_correction
 
-            if not isinstance(self.correction, RolloutCorrection):
-                raise TypeError(
-                    f"correction: expected a stable_async.RolloutCorrection, got {type(self.correction).__name__}"
-                )
+            object.__setattr__(self, "correction", as_correction(self.correction))
         if self.norm_length is not None and not self.norm_length > 0:
             raise ValueError(f"norm_length: expected a positive number, got {self.norm_length!r}")
 
