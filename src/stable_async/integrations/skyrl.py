@@ -265,8 +265,10 @@ def compute_policy_loss(
         and _correction_configured(off_policy)
         and not probe.weights_by_rollout
     ):
-        hyperparameters = {**hyperparameters, "correction": SkyRLOffPolicyCorrection(off_policy=off_policy)}
-    loss_fn = _build_loss(name, hyperparameters) if "correction" in hyperparameters else probe
+        # Built per call: the correction holds SkyRL's config object, which is not part of its hash.
+        loss_fn = sa.get_loss(name, **hyperparameters, correction=SkyRLOffPolicyCorrection(off_policy=off_policy))
+    else:
+        loss_fn = probe
     batch = sa.PolicyBatch(
         logprobs=log_probs,
         advantages=advantages,
