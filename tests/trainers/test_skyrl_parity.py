@@ -31,9 +31,9 @@ import dataclasses
 
 import pytest
 import torch
-from skyrl_areal_loaders import load_skyrl, load_skyrl_adapter
 
 from sa_testing import random_logprobs, random_mask
+from skyrl_areal_loaders import load_skyrl, load_skyrl_adapter
 
 pytestmark = pytest.mark.trainers
 
@@ -133,12 +133,16 @@ def test_sa_loss_matches_skyrl_builtin(ours, theirs, overrides, sa_kwargs, per_s
 
 
 @pytest.mark.parametrize("reduction", sorted(NATIVE))
-@pytest.mark.parametrize(("ours", "theirs", "overrides", "sa_kwargs", "per_sequence"), CASES[:6], ids=lambda v: str(v)[:14])
+@pytest.mark.parametrize(
+    ("ours", "theirs", "overrides", "sa_kwargs", "per_sequence"), CASES[:6], ids=lambda v: str(v)[:14]
+)
 def test_our_aggregation_matches_skyrl_reduction(ours, theirs, overrides, sa_kwargs, per_sequence, reduction):
     """Our loss on the unscaled advantages, one call for the whole mini-batch, with the matching mode."""
     data = minibatch(7, per_sequence)
     skyrl_config = algorithm_config(theirs, overrides, reduction, {})
-    ref_loss, ref_grad, _ = run_skyrl_pipeline(ppo_utils.PolicyLossRegistry.get(theirs), data, skyrl_config, reduction, 0)
+    ref_loss, ref_grad, _ = run_skyrl_pipeline(
+        ppo_utils.PolicyLossRegistry.get(theirs), data, skyrl_config, reduction, 0
+    )
     hyperparameters = {
         k: v for k, v in skyrl_adapter.resolve_hyperparameters(ours, skyrl_config).items() if k != "aggregation"
     }

@@ -38,8 +38,8 @@ as for the corresponding SkyRL built-in (`SKYRL_FIELDS`), then ``trainer.algorit
 **ESS-scaled LR and GAC.** SkyRL 0.3.0 builds ``torch.optim.AdamW`` inside its FSDP strategy
 (no injection point in the config) and steps it through ``strategy.optimizer_step(optimizer,
 model, scheduler)``, which calls ``optimizer.step()`` and ``optimizer.zero_grad()``.
-`install_stable_step` replaces a worker's ``optimizer`` by `SkyRLStableOptimizer`, whose
-``step()`` is one `stable_async.StableStep` (GAC, then the ESS-scaled step) fed by the
+`install_stable_step` replaces a worker's ``optimizer`` by a wrapper whose ``step()`` is one
+`stable_async.StableStep` (GAC, then the ESS-scaled step) fed by the
 `stable_async.StepAccumulator` that the ``sa_`` losses of that process record into.
 """
 
@@ -60,6 +60,7 @@ from skyrl.train.config import AlgorithmConfig
 
 import stable_async as sa
 from stable_async.correction import CorrectionResult, RolloutCorrection
+from stable_async.integrations._stable_step import ProcessAccumulator, StableOptimizerWrapper, install, uninstall
 
 logger = logging.getLogger("stable_async.integrations.skyrl")
 
@@ -202,23 +203,6 @@ class SkyRLOffPolicyCorrection(RolloutCorrection):
         return CorrectionResult(weights=weights, keep=keep, rejected=batch.mask & ~keep, metrics=dict(metrics))
 
 
-# --------------------------------------------------------------------------- step accumulator link
-class _ProcessAccumulator:
-    """The `stable_async.StepAccumulator` the ``sa_`` losses of this process record into (None: off).
-
-    SkyRL calls the loss and steps the optimizer in the same worker process, one policy model per
-    worker; `install_stable_step` sets it, `uninstall_stable_step` clears it.
-    """
-
-    current: sa.StepAccumulator | None = None
-
-
-def _record(batch: sa.PolicyBatch, loss: torch.Tensor) -> None:
-    accumulator = _ProcessAccumulator.current
-    if accumulator is not None and loss.requires_grad:
-        accumulator.record(batch)
-
-
 # --------------------------------------------------------------------------- loss functions
 @functools.lru_cache(maxsize=256)
 def _cached_loss(name: str, key: tuple) -> sa.Loss:
@@ -260,11 +244,7 @@ def compute_policy_loss(
     hyperparameters = resolve_hyperparameters(name, config, has_rollout_logprobs=rollout_logprobs is not None)
     off_policy = _path(config, "off_policy_correction")
     probe = _build_loss(name, hyperparameters)
-    if (
-        rollout_logprobs is not None
-        and _correction_configured(off_policy)
-        and not probe.weights_by_rollout
-    ):
+    if rollout_logprobs is not None and _correction_configured(off_policy) and not probe.weights_by_rollout:
         # Built per call: the correction holds SkyRL's config object, which is not part of its hash.
         loss_fn = sa.get_loss(name, **hyperparameters, correction=SkyRLOffPolicyCorrection(off_policy=off_policy))
     else:
@@ -277,7 +257,9 @@ def compute_policy_loss(
         rollout_logprobs=rollout_logprobs,
     )
     out = loss_fn(batch)
-    _record(batch, out.loss)
+    accumulator = ProcessAccumulator.current
+    if accumulator is not None and out.loss.requires_grad:
+        accumulator.record(batch)
     return out.loss, skyrl_metrics(out.metrics)
 
 
@@ -300,8 +282,6 @@ def make_policy_loss_fn(name: str) -> Callable[..., tuple[torch.Tensor, dict[str
     policy_loss_fn.__doc__ = f"stable-async loss {name!r} for SkyRL (see stable_async.integrations.skyrl)."
     policy_loss_fn._stable_async_loss = name  # type: ignore[attr-defined]
     return policy_loss_fn
-
-
 
 
 def registered_names() -> list[str]:
@@ -358,69 +338,25 @@ def check_policy_loss_type(config: Any) -> None:
 
 
 # --------------------------------------------------------------------------- optimizer step
-class SkyRLStableOptimizer:
-    """What SkyRL's ``strategy.optimizer_step`` steps: a `stable_async.StableStep` over SkyRL's optimizer.
-
-    ``step()`` runs GAC (if given) and the ESS-scaled step of the wrapped optimizer; the metrics
-    of the last step are in ``last_metrics``. ``zero_grad()`` also clears the accumulator.
-    Everything else (``param_groups``, ``state_dict``, the LR scheduler's view of the optimizer)
-    is the wrapped optimizer's.
-    """
-
-    def __init__(self, stable_step: sa.StableStep) -> None:
-        self._stable_step = stable_step
-
-    @property
-    def stable_step(self) -> sa.StableStep:
-        return self._stable_step
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return self._stable_step.last_metrics
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        self._stable_step(closure)
-        return self._stable_step.last_result
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._stable_step.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stable_step.optimizer, name)
-
-
 def install_stable_step(
     worker: Any,
     *,
     gac: sa.GradientAlignmentControl | Mapping[str, Any] | None = None,
     ess_lr: bool = True,
     **ess_settings: Any,
-) -> SkyRLStableOptimizer:
-    """Wrap ``worker.optimizer`` (SkyRL's AdamW) in `SkyRLStableOptimizer`; the ``sa_`` losses feed it.
+) -> StableOptimizerWrapper:
+    """Wrap ``worker.optimizer`` (SkyRL's AdamW) so that SkyRL's ``optimizer_step`` runs a `stable_async.StableStep`.
 
-    Call it in a SkyRL policy worker after ``init_model`` (e.g. in a subclass's ``init_model``).
+    Call it in a SkyRL policy worker after ``init_model`` (e.g. in a subclass's ``init_model``);
+    the ``sa_`` losses of that process then record into the step's accumulator.
+
     Args:
         worker: an object with an ``optimizer`` attribute (SkyRL's policy worker).
-        gac: a `stable_async.GradientAlignmentControl`, or its keyword arguments (a dict), or None.
+        gac: a `stable_async.GradientAlignmentControl`, its keyword arguments (a dict), or None.
         ess_lr: scale the LR by the step's ESS (VCPO).
         **ess_settings: `stable_async.StableStep`'s ``rule``, ``base_ratio``, ``min_scale``, ``missing``.
     """
-    optimizer = worker.optimizer
-    if isinstance(optimizer, SkyRLStableOptimizer):
-        return optimizer
-    if isinstance(gac, Mapping):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        gac = sa.GradientAlignmentControl(params, **dict(gac))
-    accumulator = sa.StepAccumulator()
-    wrapped = SkyRLStableOptimizer(sa.StableStep(optimizer, accumulator, gac=gac, ess_lr=ess_lr, **ess_settings))
-    worker.optimizer = wrapped
-    _ProcessAccumulator.current = accumulator if ess_lr else None
-    return wrapped
-
-
-def uninstall_stable_step() -> None:
-    """Stop the ``sa_`` losses of this process from recording (the accumulator link is cleared)."""
-    _ProcessAccumulator.current = None
+    return install(worker, gac=gac, ess_lr=ess_lr, **ess_settings)
 
 
 # --------------------------------------------------------------------------- driver
@@ -450,7 +386,7 @@ __all__ = [
     "SKYRL_FIXED",
     "SAAlgorithmConfig",
     "SkyRLOffPolicyCorrection",
-    "SkyRLStableOptimizer",
+    "StableOptimizerWrapper",
     "check_policy_loss_type",
     "compute_policy_loss",
     "install_stable_step",
@@ -462,7 +398,7 @@ __all__ = [
     "resolve_hyperparameters",
     "sa_kwargs_of",
     "skyrl_metrics",
-    "uninstall_stable_step",
+    "uninstall",
 ]
 
 register_all()
