@@ -32,7 +32,7 @@ means); AReaL's arguments where they mean the same as for AReaL's own loss (`ARE
 ``eps_clip`` / ``eps_clip_higher`` → ``eps_low`` / ``eps_high``, ``c_clip`` → ``dual_clip``,
 ``sapo_tau_pos/neg`` → ``tau_pos/neg``, ``m2_threshold``; ``rejection_sampling`` (token level,
 ``ratio`` metric, no lower bound) → ``decoupled_ppo``'s ``behavior_cap`` and
-``behavior_cap_mode`` (``mask`` / ``clamp``); ``m2po`` selects per micro-batch and rank
+``behavior_cap_mode`` (``mask`` / ``clamp`` → ``truncate``); ``m2po`` selects per micro-batch and rank
 (``scope="local"``), as AReaL does; then the keyword arguments given to `use_loss`, which win.
 AReaL's ``use_sapo_loss`` / ``use_decoupled_loss`` / ``importance_sampling_level`` choose among
 AReaL's own losses and are not read: the stable-async loss is the one named in `use_loss`.
@@ -77,6 +77,9 @@ AREAL_FIELDS: dict[str, dict[str, str]] = {
 AREAL_FIXED: dict[str, dict[str, Any]] = {"m2po": {"scope": "local"}}
 """Settings AReaL fixes: its M2PO mask is selected per micro-batch on each rank."""
 
+CAP_MODES = {"mask": "mask", "clamp": "truncate"}
+"""AReaL's ``rejection_sampling.action`` → our ``behavior_cap_mode``."""
+
 METRIC_NAMES = {"actor/pg_clipfrac": "clip_ratio", "actor/pg_clipfrac_lower": "dual_clip_ratio"}
 """Our metric → AReaL's ``stats_tracker`` name; others lose the ``actor/`` prefix."""
 
@@ -92,7 +95,7 @@ def _behavior_cap(rejection_sampling: Any) -> dict[str, Any]:
             "rejection_sampling: decoupled_ppo's behavior_cap expresses level='token', metric='ratio' "
             f"without a lower bound; got level={level!r}, metric={metric!r}, lower={lower!r}"
         )
-    return {"behavior_cap": float(rejection_sampling.upper), "behavior_cap_mode": action}
+    return {"behavior_cap": float(rejection_sampling.upper), "behavior_cap_mode": CAP_MODES[action]}
 
 
 def resolve_hyperparameters(name: str, areal_kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
