@@ -25,10 +25,14 @@ Settings (read from AReaL's ``grpo_loss_fn``, ``ppo_actor_loss_fn``, ``sapo_loss
 AReaL's ``stats_tracker`` accepts float32 tensors only, so ``grpo_loss_fn`` itself runs in
 float32 (rtol 1e-5). In fp64 (rtol 1e-10) the reference is AReaL's loss functions composed
 exactly as ``grpo_loss_fn`` composes them (`areal_reference`: ``_resolve_proximal_logp``, then
-``_apply_m2po_masking``, then ``sapo_loss_fn`` or ``ppo_actor_loss_fn``), without its logging. AReaL's log-linear α (``versions.float()``) and its rejection-sampling weight
-(``apply_rejection_sampling`` upcasts the log-ratio to float32) are float32: rtol 1e-6 there. AReaL's decoupled PPO without
-``rejection_sampling`` applies no behavior weight; ours always does (the paper's loss): that
-setting matches our ``ppo`` on the proximal policy instead, also checked.
+``_apply_m2po_masking``, then ``sapo_loss_fn`` or ``ppo_actor_loss_fn``), without its logging.
+AReaL's log-linear α (``versions.float()``) and its rejection-sampling weight
+(``apply_rejection_sampling`` upcasts the log-ratio to float32) are float32: rtol 1e-6 there.
+
+AReaL's decoupled PPO without ``rejection_sampling`` applies no behavior weight; ours always
+does (the paper's loss): that setting matches our ``ppo`` on the proximal policy instead, also
+checked. The clip fraction (AReaL's ``clip_ratio``) is compared for plain PPO; with rejection
+sampling AReaL leaves rejected tokens out of its clipped-token count.
 """
 
 from __future__ import annotations
