@@ -58,3 +58,18 @@ def load_areal_adapter() -> Any:
     """``stable_async.integrations.areal`` (after `load_areal_actor`)."""
     load_areal_actor()
     return importlib.import_module("stable_async.integrations.areal")
+
+
+def skyrl_worker_lookup(name: str) -> list:
+    """Run in a Ray worker process: SkyRL's registry lookup there (it syncs from SkyRL's named
+    registry actor), then the loss on fixed inputs. Returns the function's module and name, the
+    loss value and the worker's pid."""
+    import torch
+
+    registry = load_skyrl().PolicyLossRegistry
+    fn = registry.get(name)
+    from skyrl.train.config import AlgorithmConfig
+
+    lp = torch.linspace(-2.0, -0.5, 6, dtype=torch.float64).reshape(2, 3)
+    loss, _ = fn(lp, lp - 0.1, torch.ones_like(lp), config=AlgorithmConfig(), loss_mask=torch.ones_like(lp))
+    return [fn.__module__, fn.__name__, float(loss), os.getpid()]
