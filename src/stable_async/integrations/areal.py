@@ -59,7 +59,7 @@ from areal.trainer.ppo import actor as areal_actor
 from areal.utils import stats_tracker
 
 import stable_async as sa
-from stable_async.integrations._stable_step import ProcessAccumulator, StableOptimizerWrapper, install
+from stable_async.integrations._stable_step import ProcessAccumulator, StableOptimizerWrapper, install, uninstall
 
 _ORIGINAL_LOSS_FN = areal_actor.grpo_loss_fn
 
@@ -242,5 +242,6 @@ __all__ = [
     "policy_batch",
     "resolve_hyperparameters",
     "restore",
+    "uninstall",
     "use_loss",
 ]
