@@ -140,25 +140,28 @@ def test_stable_step_at_skyrls_optimizer_calls():
     model = torch.nn.Linear(3, 4, dtype=torch.float64)
     reference = torch.nn.Linear(3, 4, dtype=torch.float64)
     reference.load_state_dict(model.state_dict())
-    worker = types.SimpleNamespace(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    wrapped = skyrl_adapter.install_stable_step(worker, rule="sqrt")
-    assert skyrl_adapter.install_stable_step(worker) is wrapped
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
     rollout = -1.5 + 0.5 * torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
     adv = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
     config = skyrl_adapter.SAAlgorithmConfig(policy_loss_type="sa_vcpo")
-    lam = []
+
+    def micro_batches(net):
+        for micro in range(2):
+            lp = torch.nn.functional.logsigmoid(net(x[micro])).T  # (4, 5): 4 sequences, 5 tokens
+            loss, _ = skyrl_adapter.sa_vcpo(
+                lp, lp.detach(), adv[micro].T, config, torch.ones_like(lp), rollout[micro].T
+            )
+            loss.backward()
+            yield (lp.detach() - rollout[micro].T).sum(-1)
+
+    list(micro_batches(reference))  # gradients of the reference, before anything is installed
+    worker = types.SimpleNamespace(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    wrapped = skyrl_adapter.install_stable_step(worker, rule="sqrt")
+    assert skyrl_adapter.install_stable_step(worker) is wrapped
     try:
-        for net in (model, reference):
-            for micro in range(2):
-                lp = torch.nn.functional.logsigmoid(net(x[micro])).T  # (4, 5): 4 sequences, 5 tokens
-                mask = torch.ones_like(lp)
-                loss, _ = skyrl_adapter.sa_vcpo(lp, lp.detach(), adv[micro].T, config, mask, rollout[micro].T)
-                loss.backward()
-                if net is model:
-                    lam.append((lp.detach() - rollout[micro].T).sum(-1))
+        lam = list(micro_batches(model))
         # SkyRL's FSDPStrategy.optimizer_step: clip, optimizer.step(), optimizer.zero_grad()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         worker.optimizer.step()
