@@ -91,6 +91,24 @@ def test_versions_and_proximal_reach_the_batch():
     torch.testing.assert_close(batch.rollout_logprobs, data["logprobs"])
 
 
+def test_loglinear_with_a_recomputed_proximal_uses_it():
+    """AReaL uses ``prox_logp`` when it is there, whatever ``prox_logp_method`` says: so do we."""
+    data = actor_data(3)
+    kwargs = {"prox_logp_method": "loglinear", "current_version": 3, "eps_clip": 0.2}
+    assert (
+        areal_adapter.resolve_hyperparameters("decoupled_ppo", kwargs, {}, has_proximal=False)["proximal"]
+        == "loglinear"
+    )
+    assert "proximal" not in areal_adapter.resolve_hyperparameters("decoupled_ppo", kwargs, {}, has_proximal=True)
+    lp = -torch.rand(B, T, generator=torch.Generator().manual_seed(4)) - 0.1
+    ours = areal_adapter.make_loss_fn("decoupled_ppo")(lp, torch.zeros_like(lp), data, **kwargs)
+    stats_tracker.export_all(reset=True)
+    expected = sa.get_loss("decoupled_ppo", eps_low=0.2, eps_high=0.2)(
+        sa.PolicyBatch(lp, data["advantages"], data["loss_mask"], data["prox_logp"], data["logprobs"])
+    )
+    assert float(ours) == pytest.approx(float(expected.loss), rel=1e-6)
+
+
 def test_packed_rows():
     values = torch.arange(1.0, 8.0)
     cu = torch.tensor([0, 3, 4, 7])

@@ -98,13 +98,16 @@ def _behavior_cap(rejection_sampling: Any) -> dict[str, Any]:
     return {"behavior_cap": float(rejection_sampling.upper), "behavior_cap_mode": CAP_MODES[action]}
 
 
-def resolve_hyperparameters(name: str, areal_kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+def resolve_hyperparameters(
+    name: str, areal_kwargs: Mapping[str, Any], overrides: Mapping[str, Any], *, has_proximal: bool = True
+) -> dict:
     """Keyword arguments for ``sa.get_loss(name, ...)`` from ``grpo_loss_fn``'s keyword arguments.
 
     Order (later wins): ``aggregation="token-mean"``; `AREAL_FIELDS` (``eps_clip_higher=None``
     means ``eps_clip``, as in AReaL); ``rejection_sampling`` → ``behavior_cap`` (losses with one);
-    `AREAL_FIXED`; ``proximal="loglinear"`` when AReaL approximates the proximal policy and the
-    loss has that setting; ``overrides`` (what `use_loss` was given).
+    `AREAL_FIXED`; ``proximal="loglinear"`` when AReaL would approximate the proximal policy
+    (``prox_logp_method="loglinear"`` and no ``prox_logp``: ``has_proximal=False``) and the loss
+    has that setting; ``overrides`` (what `use_loss` was given).
     """
     fields = {f.name for f in dataclasses.fields(sa.loss_config_class(name)) if f.init}
     out: dict[str, Any] = {"aggregation": "token-mean"} if "aggregation" in fields else {}
@@ -117,7 +120,7 @@ def resolve_hyperparameters(name: str, areal_kwargs: Mapping[str, Any], override
     if "behavior_cap" in fields:
         out.update(_behavior_cap(areal_kwargs.get("rejection_sampling")))
     out.update(AREAL_FIXED.get(name, {}))
-    if "proximal" in fields and areal_kwargs.get("prox_logp_method") == "loglinear":
+    if "proximal" in fields and areal_kwargs.get("prox_logp_method") == "loglinear" and not has_proximal:
         out["proximal"] = "loglinear"
     out.update(overrides)
     return out
@@ -187,7 +190,8 @@ def make_loss_fn(name: str, **hyperparameters: Any) -> Callable[..., torch.Tenso
     cache: dict[tuple, sa.Loss] = {}
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, input_data: Mapping[str, Any], **areal_kwargs: Any):
-        resolved = resolve_hyperparameters(name, areal_kwargs, hyperparameters)
+        has_proximal = input_data.get("prox_logp") is not None
+        resolved = resolve_hyperparameters(name, areal_kwargs, hyperparameters, has_proximal=has_proximal)
         key = tuple(sorted((k, repr(v)) for k, v in resolved.items()))
         if key not in cache:
             cache[key] = sa.get_loss(name, **resolved)
