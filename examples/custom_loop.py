@@ -15,7 +15,11 @@ What it simulates, top to bottom:
   `stable_async.GradientAlignmentControl` between backward and step, and
   `stable_async.ESSScaledLR` scaling the step by the ESS of the minibatch.
 
-Run: python examples/custom_loop.py [--steps N]   (or SA_EXAMPLE_STEPS=N)
+``--kondo-price λ`` adds the Kondo gate (`stable_async.kondo_gate`): the π_old forward pass, run
+without gradient anyway, scores each sequence's delight, and only the sequences the gate keeps
+get a forward pass with gradient and a backward pass.
+
+Run: python examples/custom_loop.py [--steps N] [--kondo-price λ]   (or SA_EXAMPLE_STEPS=N)
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def reward(sequences: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- training
-def main(steps: int = 40, seed: int = 0, log_every: int = 5) -> dict[str, float]:
+def main(steps: int = 40, seed: int = 0, log_every: int = 5, kondo_price: float | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     random.seed(seed)
     policy = TinyCausalLM()
@@ -104,21 +108,24 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5) -> dict[str, float]
         mask = torch.ones_like(rollout_logprobs, dtype=torch.bool)
         with torch.no_grad():
             old_logprobs = token_logprobs(policy, sequences)  # π_old: the trainer before this update
+        rows = torch.arange(len(sequences))
+        if kondo_price is not None:  # only the sequences worth a backward pass, scored on π_old
+            rows = sa.kondo_gate(advantages, old_logprobs, mask, price=kondo_price).indices
 
         # 2. A few gradient steps on the batch: loss + correction, GAC, ESS-scaled learning rate.
         for _ in range(MINI_STEPS):
             batch = sa.PolicyBatch(
-                logprobs=token_logprobs(policy, sequences),
-                advantages=advantages,
-                mask=mask,
-                old_logprobs=old_logprobs,
-                rollout_logprobs=rollout_logprobs,
+                logprobs=token_logprobs(policy, sequences[rows]),
+                advantages=advantages[rows],
+                mask=mask[rows],
+                old_logprobs=old_logprobs[rows],
+                rollout_logprobs=rollout_logprobs[rows],
             )
             out = loss_fn(batch)
             optimizer.zero_grad()
             out.loss.backward()
             gac_metrics = gac.apply()  # after backward, before the step; edits .grad in place
-            ess = sa.effective_sample_size(batch.logprobs.detach() - rollout_logprobs, mask)  # π_θ / μ per sequence
+            ess = sa.effective_sample_size(batch.logprobs.detach() - batch.rollout_logprobs, batch.mask)  # π_θ/μ
             optimizer.step(ess)  # lr · sqrt(ESS/N) for this step only
         snapshots.append(copy.deepcopy(policy))
 
@@ -132,6 +139,7 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5) -> dict[str, float]
             "lr_scale": optimizer.last_metrics["vcpo/lr_scale"],
             "gac_cos": gac_metrics["gac/cos"],
             "gac_action": gac.last_action,
+            "kondo_skipped": 1.0 - len(rows) / len(sequences),
         }
         first_reward = metrics["reward"] if first_reward is None else first_reward
         if step % log_every == 0 or step == steps - 1:
@@ -142,6 +150,8 @@ def main(steps: int = 40, seed: int = 0, log_every: int = 5) -> dict[str, float]
                 f"gac cos {metrics['gac_cos']:+.3f} ({metrics['gac_action']})"
             )
     print(f"done: {steps} steps in {time.time() - start:.1f}s, reward {first_reward:.3f} -> {metrics['reward']:.3f}")
+    if kondo_price is not None:
+        print(f"kondo gate: {metrics['kondo_skipped']:.0%} of the last batch's backward passes skipped")
     return metrics
 
 
@@ -149,5 +159,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=int(os.environ.get("SA_EXAMPLE_STEPS", 40)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kondo-price", type=float, default=None, help="Kondo gate price λ (default: no gate)")
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     main(**vars(parser.parse_args()))

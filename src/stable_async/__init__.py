@@ -14,6 +14,7 @@ from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
 from stable_async.correction_chain import CorrectionChain
 from stable_async.diagnostics import ESSResult, effective_sample_size
+from stable_async.kondo import KondoSelection, kondo_gate
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
 from stable_async.opsm import OffPolicySequenceMask, opsm
@@ -42,6 +43,7 @@ __all__ = [
     "ESSResult",
     "ESSScaledLR",
     "GradientAlignmentControl",
+    "KondoSelection",
     "Loss",
     "LossConfig",
     "LossOutput",
@@ -62,6 +64,7 @@ __all__ = [
     "effective_sample_size",
     "get_loss",
     "icepop",
+    "kondo_gate",
     "loss_config_class",
     "loss_spec",
     "opsm",

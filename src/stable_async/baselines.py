@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -309,3 +309,97 @@ def logit_grad_sq_norms(
 def length_grad_sq_norms(mask: torch.Tensor) -> torch.Tensor:
     """Proxy: ‖∇ log π(τ_i)‖² ≈ L_i, the number of valid tokens (B,) (see the module docstring)."""
     return mask.bool().sum(dim=-1).to(torch.float32)
+
+
+class TokenBaselineResult(NamedTuple):
+    """`optimal_token_baseline` output, each (B, T) and 0 at masked positions."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    baselines: torch.Tensor
+
+
+def optimal_token_baseline(
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    *,
+    is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True,
+) -> TokenBaselineResult:
+    """Optimal token baseline (veRL's ``optimal_token_baseline`` advantage estimator): one baseline per
+    time step and prompt group, weighted by each trajectory's accumulated score-function energy.
+
+    For trajectory i of a group, with reward-to-go G_{i,t} = Σ_{s≥t} m·r_{i,s}, p_{i,t} = π(a_t)
+    (``logprobs``, the policy that sampled, veRL's ``old_log_probs``) and S_{i,t} = Σ_v π(v)²:
+
+        w_{i,t} = (1 − 2 p_{i,t} + S_{i,t}) · ρ_{i,t}²      (= ‖e_{a_t} − π‖² ‖ρ‖², the squared norm of
+                                                          the logit score; ρ = ``is_weights``, else 1)
+        W_{i,t} = Σ_{s≤t} m·w_{i,s}                        (cumulative path variance)
+        b_t     = Σ_i m_{i,t}·W_{i,t}·G_{i,t} / Σ_i m_{i,t}·W_{i,t}
+        A_{i,t} = (G_{i,t} − b_t)·m_{i,t}
+
+    the minimum-variance constant baseline at step t for the per-step gradient term whose squared
+    norm grows like W (an approximation: a path's gradient norms are treated as uncorrelated).
+    A group of one gets b = 0 (A = G), as in veRL. ``handle_zero_tail`` (veRL's default True):
+    when one trajectory is strictly the longest of its group, its baseline is 0 from the length of
+    the second longest on (no other trajectory to compare with there).
+
+    Differences from veRL (``compute_optimal_token_baseline_advantage``, veRL 0.9.1): veRL divides
+    by Σ W + 1e-8; here by Σ W, and a step whose Σ W is 0 (a deterministic policy) gets the plain
+    mean of the valid returns instead of veRL's 0/1e-8 = 0 — equal otherwise up to a relative
+    1e-8/Σ W. ``sum_pi_squared`` comes from the logits (``torch.exp(torch.logsumexp(2 ·
+    log_softmax(z), -1))``, see `logit_grad_sq_norms`).
+
+    Args:
+        token_rewards: (B, T) per-token rewards (an outcome reward sits at the last valid token).
+        mask: (B, T) valid response tokens.
+        logprobs: (B, T) log-prob of each sampled token under the sampling policy.
+        sum_pi_squared: (B, T) Σ_v π(v)² at each position.
+        group_ids: (B,) prompt-group ids; None: one group.
+        is_weights: (B, T) optional (truncated) IS weights ρ.
+        handle_zero_tail: see above.
+    """
+    r = token_rewards.detach().to(compute_dtype(token_rewards, logprobs))
+    if r.dim() != 2:
+        raise ValueError(f"token_rewards: expected a 2-D tensor (B, T), got shape {tuple(r.shape)}")
+    B, T = r.shape
+    tensors = {"mask": mask, "logprobs": logprobs, "sum_pi_squared": sum_pi_squared, "is_weights": is_weights}
+    for name, value in tensors.items():
+        if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (B, T)):
+            raise ValueError(f"{name}: expected a tensor of shape ({B}, {T}) like token_rewards")
+    m = mask.bool()
+    mf = m.to(r.dtype)
+    values = [r, logprobs.detach().to(r.dtype), sum_pi_squared.detach().to(r.dtype)]
+    if is_weights is not None:
+        values.append(is_weights.detach().to(r.dtype))
+    if not all(bool(torch.isfinite(v[m]).all()) for v in values):
+        raise ValueError("token_rewards / logprobs / sum_pi_squared / is_weights: found NaN/inf at a valid position")
+    returns = (r * mf).flip(-1).cumsum(-1).flip(-1)
+    w = 1.0 - 2.0 * torch.exp(values[1]) + values[2]
+    if is_weights is not None:
+        w = w * values[3].square()
+    cum_w = (w * mf).cumsum(-1)
+    index, g = _group_index(group_ids, B, r.device)
+    num = torch.zeros(g, T, dtype=r.dtype, device=r.device).index_add_(0, index, returns * cum_w * mf)
+    den = torch.zeros(g, T, dtype=r.dtype, device=r.device).index_add_(0, index, cum_w * mf)
+    ret_sum = torch.zeros(g, T, dtype=r.dtype, device=r.device).index_add_(0, index, returns * mf)
+    count = torch.zeros(g, T, dtype=r.dtype, device=r.device).index_add_(0, index, mf)
+    plain = ret_sum / count.clamp(min=1.0)
+    per_step = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), plain)
+    group_size = torch.zeros(g, dtype=torch.long, device=r.device).index_add_(0, index, torch.ones_like(index))
+    baselines = torch.where((group_size[index] > 1)[:, None], per_step[index], torch.zeros_like(r))
+    if handle_zero_tail:
+        lengths = m.sum(-1)
+        for group in range(g):
+            members = (index == group).nonzero()[:, 0]
+            if len(members) < 2:
+                continue
+            top2 = lengths[members].topk(2).values
+            longest = members[lengths[members] == top2[0]]
+            if len(longest) == 1 and top2[0] > top2[1]:
+                baselines[longest[0], int(top2[1]) :] = 0.0
+    baselines = baselines * mf
+    return TokenBaselineResult(advantages=(returns - baselines) * mf, returns=returns * mf, baselines=baselines)

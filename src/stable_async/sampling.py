@@ -173,12 +173,10 @@ def sampling_logprobs(
         return (chosen - torch.logsumexp(z, dim=-1)).reshape(ids.shape)
     rows = max(1, chunk_rows or _CHUNK_ELEMENTS // V)
     cut, tie_log_frac = _thresholds(zd, top_k, top_p, min_p, rows)
-    below = zd < cut[:, None]
-    kept_logits = z.masked_fill(below, -math.inf)
+    kept_logits = z.masked_fill(zd < cut[:, None], -math.inf)
     if tie_log_frac is not None and bool((tie_log_frac < 0).any()):
         # A tie at the top-p cut-off that vLLM keeps only in part: count the kept share of it.
         partial = (zd == cut[:, None]) & (tie_log_frac < 0)[:, None]
         kept_logits = kept_logits + torch.where(partial, tie_log_frac[:, None], 0.0)
     out = chosen - torch.logsumexp(kept_logits, dim=-1)
-    outside = below.gather(-1, flat_ids)[:, 0]
-    return out.masked_fill(outside, -math.inf).reshape(ids.shape)
+    return out.masked_fill(chosen.detach() < cut, -math.inf).reshape(ids.shape)

@@ -84,7 +84,15 @@ def test_user_loss_registration_and_duplicates():
 # What each shipped loss declares with its default settings, from the papers / reference code:
 # VCPO and decoupled PPO multiply by a weight against μ, DPPO by sg(min(π_θ/μ, c)); only the
 # top-K DPPO variants read top-K log-probs.
-WEIGHTS_BY_ROLLOUT = {"vcpo", "decoupled_ppo", "dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"}
+WEIGHTS_BY_ROLLOUT = {
+    "vcpo",
+    "decoupled_ppo",
+    "dppo_binary_tv",
+    "dppo_binary_kl",
+    "dppo_topk_tv",
+    "dppo_topk_kl",
+    "prime_rl",
+}
 NEEDS_TOPK = {"dppo_topk_tv", "dppo_topk_kl"}
 # Documented: without rollout_logprobs, μ := π_old (the loss then weights by 1).
 FALLS_BACK_TO_OLD = {"vcpo", "decoupled_ppo", "m2po"}

@@ -72,9 +72,20 @@ def test_hyperparameters_are_validated(name, field, bad):
         sa.get_loss(name, **{field: bad})
 
 
-def test_vespo_refuses_sequence_level_weights_and_lambda_zero():
-    with pytest.raises(ValueError, match="level='token'"):
-        sa.get_loss("vespo", correction=sa.sequence_mask(3.0))
+def test_vespo_folds_a_sequence_weight_once():
+    # Σ log r = 0 per sequence, A = 1; sequence TIS weight W = exp(Σ (old − μ)) = e^0.2 enters w once.
+    batch = _batch(
+        [[-1.0, -1.0]], [[-1.0, -1.0]], [1.0], rollout_logprobs=torch.tensor([[-1.1, -1.1]], dtype=torch.float64)
+    )
+    seq = sa.get_loss("vespo", correction=sa.RolloutCorrection(level="sequence", high=10.0))(batch).loss
+    tok = sa.get_loss("vespo", correction=sa.RolloutCorrection(level="token", high=10.0))(batch).loss
+    phi = math.exp(3.0 + 2 * 0.2 - 3 * math.exp(0.2))  # both fold log w = 0.2 (two tokens × 0.1, or W once)
+    assert seq.item() == pytest.approx(phi * 1.0) and tok.item() == pytest.approx(phi * 1.0)
+    geo = sa.get_loss("vespo", correction=sa.RolloutCorrection(level="geometric", high=10.0))(batch).loss
+    assert geo.item() == pytest.approx(math.exp(3.0 + 2 * 0.1 - 3 * math.exp(0.1)))
+
+
+def test_vespo_lambda_zero():
     with pytest.raises(ValueError, match="lambda_pos"):
         sa.get_loss("vespo", lambda_pos=0.0)
     assert sa.get_loss("vespo", k_pos=0.0).config.k_pos == 0.0

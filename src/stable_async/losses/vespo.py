@@ -18,8 +18,9 @@ must be > 0 and is used as given (identical for λ ≥ 1e-4).
 Corrections: a token-level `RolloutCorrection` given as ``correction=`` is folded into w (its
 weights ρ enter the product; a masked token's ρ = 0 is clamped to 1e-8, which all but zeroes
 φ), exactly as TRL folds its vLLM ``token_truncate`` / ``token_mask`` ratio into VESPO's weight
-instead of multiplying the loss by it. A sequence-level correction is refused (TRL refuses
-``sequence_*`` modes with VESPO). OPSM (`stable_async.opsm`) still multiplies the loss.
+instead of multiplying the loss by it. A sequence- or geometric-level correction's weight W_i
+enters w once (TRL refuses its ``sequence_*`` modes with VESPO; this is our extension). OPSM
+(`stable_async.opsm`) still multiplies the loss.
 
 Metric: ``vespo/phi_mean``, the mean of φ over valid tokens (TRL's ``vespo/phi_seq_mean`` is
 this with per-token advantages; with one advantage per sequence TRL averages over sequences).
@@ -36,7 +37,6 @@ import torch
 from stable_async._numerics import LOG_RATIO_BOUND, masked_mean, masked_sum
 from stable_async.batch import PolicyBatch
 from stable_async.checks import check_number
-from stable_async.correction import RolloutCorrection
 from stable_async.correction_chain import split_corrections
 from stable_async.losses.base import LossConfig, LossOutput, finish
 from stable_async.registry import register_loss
@@ -59,13 +59,6 @@ class VESPOConfig(LossConfig):
             check_number(name, getattr(self, name), low=0.0)
         for name in ("lambda_pos", "lambda_neg"):
             check_number(name, getattr(self, name), low=0.0, low_open=True)
-        weights, _ = split_corrections(self.correction)
-        members = getattr(weights, "corrections", (weights,))
-        if any(isinstance(c, RolloutCorrection) and c.level != "token" for c in members):
-            raise ValueError(
-                "correction: vespo folds token-level rollout weights into its sequence weight; "
-                "use level='token' (TRL allows only token_truncate / token_mask with vespo)"
-            )
 
 
 def gamma_weight(log_w: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -82,10 +75,12 @@ def vespo(batch: PolicyBatch, config: VESPOConfig) -> LossOutput:
     seq_log_w = masked_sum(log_ratio, mask, dim=-1)
     metrics: dict = {}
     rollout_weights, masks = split_corrections(config.correction)
-    if rollout_weights is not None:
-        result = rollout_weights(batch)
+    for correction in getattr(rollout_weights, "corrections", () if rollout_weights is None else (rollout_weights,)):
+        result = correction(batch)
         log_rho = torch.log(result.weights).clamp(LOG_W_MIN, LOG_RATIO_BOUND)
-        seq_log_w = seq_log_w + masked_sum(log_rho, mask, dim=-1)
+        # Token weights multiply into w; a sequence-level weight (the same at every token) enters once.
+        fold = masked_sum if correction.level == "token" else masked_mean
+        seq_log_w = seq_log_w + fold(log_rho, mask, dim=-1)
         metrics.update(result.metrics)
     log_w = seq_log_w.clamp(LOG_W_MIN, LOG_RATIO_BOUND).unsqueeze(-1)
     nonneg = batch.advantages >= 0
