@@ -19,6 +19,8 @@ env: $(STAMP)
 # torch first, pinned to the CPU build: a bare `torch` requirement would pull a CUDA build.
 # `make run` needs only the core and the bench extra; `make test` adds the trainers, docs and dev
 # tools. OpenRLHF hard-pins GPU-only packages, so it goes in with --no-deps, plus what its loss needs.
+# SkyRL and AReaL pin GPU stacks and other versions of ray / transformers / hydra: --no-deps too,
+# then only what their loss, config and actor modules import.
 $(CORE_STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
@@ -29,6 +31,8 @@ $(STAMP): $(CORE_STAMP)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,trl,verl,bench,docs]"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps openrlhf==0.11.2
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.6 einops
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps skyrl==0.3.0 skyrl-gym==0.4.0 areal==1.0.4
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[skyrl,areal]"
 	touch $(STAMP)
 
 run: $(CORE_STAMP)
