@@ -106,6 +106,17 @@ def _screen(tensors: list[torch.Tensor | None], mask: torch.Tensor) -> tuple[lis
     return finite, peaks, values[2 * len(tensors) :]
 
 
+def _as_batch_error(check: Any, *args: Any) -> None:
+    """Run a `stable_async.checks` check; a ValueError becomes a `BatchValidationError` (a wrong
+    type stays an `stable_async.checks.ArgumentTypeError`, a TypeError that is also a ValueError)."""
+    try:
+        check(*args)
+    except ValueError as exc:
+        if isinstance(exc, TypeError):
+            raise
+        raise BatchValidationError(str(exc)) from None
+
+
 @dataclass
 class PolicyBatch:
     """The validated input of every stable-async loss.
@@ -176,9 +187,25 @@ class PolicyBatch:
         floats += [self._float_or_none(self.topk_logprobs), self._float_or_none(self.current_topk_logprobs)]
         finite, peaks, (num_tokens, num_seqs) = _screen(floats, self.mask)
         self._validate_counts(num_tokens, num_seqs)
-        for name, tensor, peak in zip(_LOGPROB_FIELDS, (floats[0], old, rollout), (peaks[0], *peaks[2:4]), strict=True):
+        self._clean_policy(advantages, old, rollout, finite[:4], peaks[:4])
+        self._validate_rewards_and_groups(B)
+        self._validate_versions(B, T)
+        self._clean_topk(finite[4:], peaks[4:])
+
+    def _clean_policy(
+        self,
+        advantages: torch.Tensor,
+        old: torch.Tensor | None,
+        rollout: torch.Tensor | None,
+        finite: list[bool],
+        peaks: list[float],
+    ) -> None:
+        """Log-probs <= tolerance at valid positions; then the cleaned (B, T) float fields."""
+        for name, tensor, peak in zip(
+            _LOGPROB_FIELDS, (self.logprobs, old, rollout), (peaks[0], *peaks[2:]), strict=True
+        ):
             if tensor is not None and not peak <= logprob_tolerance(tensor.dtype):
-                check_logprobs(name, tensor, self.mask)
+                _as_batch_error(check_logprobs, name, tensor, self.mask)
         self.logprobs = self._clean("logprobs", self.logprobs, known_finite=finite[0])
         self.advantages = self._clean("advantages", advantages, known_finite=finite[1])
         if old is None:
@@ -187,15 +214,16 @@ class PolicyBatch:
             self.old_logprobs = self._clean("old_logprobs", old.detach(), known_finite=finite[2])
         if rollout is not None:
             self.rollout_logprobs = self._clean("rollout_logprobs", rollout.detach(), known_finite=finite[3])
-        self._validate_rewards_and_groups(B)
-        self._validate_versions(B, T)
-        for name, known, peak in zip(_TOPK_FIELDS, finite[4:], peaks[4:], strict=True):
+
+    def _clean_topk(self, finite: list[bool], peaks: list[float]) -> None:
+        """Top-K log-probs <= tolerance and masses <= 1 (up to it) at valid positions; then cleaned."""
+        for name, known, peak in zip(_TOPK_FIELDS, finite, peaks, strict=True):
             t = getattr(self, name)
             if t is None:
                 continue
             if not peak <= logprob_tolerance(t.dtype):  # peak: the largest log top-K mass
-                check_logprobs(name, t, self.mask.unsqueeze(-1).expand_as(t))
-                check_probability_mass(name, t, self.mask)
+                _as_batch_error(check_logprobs, name, t, self.mask.unsqueeze(-1).expand_as(t))
+                _as_batch_error(check_probability_mass, name, t, self.mask)
             cleaned = self._clean(
                 name, t if name == "current_topk_logprobs" else t.detach(), extra_dim=True, known_finite=known
             )
@@ -227,10 +255,10 @@ class PolicyBatch:
         mask = _check_tensor("mask", self.mask)
         self._same_device("mask", mask)
         _check_shape("mask", mask, (B, T), "same as logprobs")
-        try:
-            self.mask = check_mask("mask", mask)
-        except ValueError as exc:  # the same rule as everywhere, raised as a batch error
-            raise BatchValidationError(str(exc)) from None
+        if mask.dtype != torch.bool:
+            _as_batch_error(check_mask, "mask", mask)  # the rule of every mask: bool or exact 0/1
+            mask = mask != 0
+        self.mask = mask
 
     def _validate_advantages(self, B: int, T: int) -> torch.Tensor:
         adv = _check_tensor("advantages", self.advantages)
@@ -313,14 +341,12 @@ class PolicyBatch:
 
     def _validate_counts(self, num_tokens: float, num_seqs: float) -> None:
         """dp_size a positive int; each global count a finite integer >= the local count."""
-        try:
-            self.dp_size = check_dp_size(self.dp_size)
-            self.global_num_tokens = check_global_count("global_num_tokens", self.global_num_tokens, num_tokens)
-            self.global_num_seqs = check_global_count("global_num_seqs", self.global_num_seqs, num_seqs)
-        except ValueError as exc:  # TypeErrors (a bool, a str) stay TypeErrors
-            if isinstance(exc, TypeError):
-                raise
-            raise BatchValidationError(str(exc)) from None
+        _as_batch_error(self._check_counts, num_tokens, num_seqs)
+
+    def _check_counts(self, num_tokens: float, num_seqs: float) -> None:
+        self.dp_size = check_dp_size(self.dp_size)
+        self.global_num_tokens = check_global_count("global_num_tokens", self.global_num_tokens, num_tokens)
+        self.global_num_seqs = check_global_count("global_num_seqs", self.global_num_seqs, num_seqs)
 
     @staticmethod
     def _float_or_none(t: Any) -> torch.Tensor | None:
