@@ -330,6 +330,7 @@ def _mask_like(mask: torch.Tensor | None, like: torch.Tensor, like_name: str) ->
         return torch.ones(like.shape, dtype=torch.bool, device=like.device)
     return check_mask("mask", mask, shape=tuple(like.shape), device=like.device, what=f"like {like_name}")
 
+
 class TokenBaselineResult(NamedTuple):
     """`optimal_token_baseline` output, each (B, T) and 0 at masked positions."""
 

@@ -64,6 +64,11 @@ class OffPolicySequenceMask:
     behavior: str = "auto"
     prefix: str = "opsm/"
 
+    @property
+    def exclude_rejected(self) -> bool:
+        """Always False: masked tokens keep counting in the denominators, as in TRL."""
+        return False
+
     def __post_init__(self) -> None:
         check_number("threshold", self.threshold, low=0.0, low_open=True)
         check_choice("behavior", self.behavior, BEHAVIORS)

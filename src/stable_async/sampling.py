@@ -87,7 +87,7 @@ def _thresholds(
             c = zc.amax(dim=-1) + math.log(min_p)
         if k is not None:
             c = torch.maximum(c, zc.topk(k, dim=-1).values[:, -1])
-        if top_p is not None:
+        if top_p is not None and tie_log_frac is not None:
             _top_p_cut(zc, c, k, top_p, out_cut=c, out_tie=tie_log_frac[start : start + chunk_rows])
         cut[start : start + chunk_rows] = c
     return cut, tie_log_frac

@@ -79,7 +79,7 @@ def vespo(batch: PolicyBatch, config: VESPOConfig) -> LossOutput:
         result = correction(batch)
         log_rho = torch.log(result.weights).clamp(LOG_W_MIN, LOG_RATIO_BOUND)
         # Token weights multiply into w; a sequence-level weight (the same at every token) enters once.
-        fold = masked_sum if correction.level == "token" else masked_mean
+        fold = masked_sum if getattr(correction, "level", None) == "token" else masked_mean
         seq_log_w = seq_log_w + fold(log_rho, mask, dim=-1)
         metrics.update(result.metrics)
     log_w = seq_log_w.clamp(LOG_W_MIN, LOG_RATIO_BOUND).unsqueeze(-1)

@@ -55,8 +55,10 @@ class StableStep:
             (required with ``ess_lr=True``; a new one is made if None).
         gac: a `GradientAlignmentControl` over this optimizer's parameters, or None.
         ess_lr: scale the LR by the step's ESS (default True); False: a plain step.
-        rule, base_ratio, min_scale, missing: `ESSScaledLR`'s ``rule`` ("sqrt"), ``base_ratio``
-            (1.0), ``min_scale`` (0.0) and ``on_missing`` ("base").
+        rule: `ESSScaledLR`'s ``rule`` (default "sqrt").
+        base_ratio: `ESSScaledLR`'s ``base_ratio`` (default 1.0).
+        min_scale: `ESSScaledLR`'s ``min_scale`` (default 0.0).
+        missing: `ESSScaledLR`'s ``on_missing`` (default "base").
         device: where the accumulator's collective runs on a rank that recorded nothing
             (default: the device of the optimizer's first parameter).
 
@@ -96,7 +98,12 @@ class StableStep:
             raise ArgumentTypeError(
                 f"gac: expected a stable_async.GradientAlignmentControl or None, got {type(gac).__name__}"
             )
-        settings = {"rule": rule, "base_ratio": base_ratio, "min_scale": min_scale, "on_missing": missing}
+        settings: dict[str, Any] = {
+            "rule": rule,
+            "base_ratio": base_ratio,
+            "min_scale": min_scale,
+            "on_missing": missing,
+        }
         given = {k: v for k, v in settings.items() if v is not None}
         if isinstance(optimizer, ESSScaledLR):
             if given:
