@@ -8,7 +8,7 @@
 Public API only; every name below is documented in docs/ and re-exported from its module.
 """
 
-from stable_async import baselines, divergence, losses  # noqa: F401  (losses: registers every loss)
+from stable_async import baselines, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
@@ -17,7 +17,15 @@ from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
 from stable_async.optim.ess_lr import ESSScaledLR
 from stable_async.optim.gac import GradientAlignmentControl
-from stable_async.registry import Loss, available_losses, get_loss, loss_config_class, register_loss
+from stable_async.registry import (
+    Loss,
+    LossSpec,
+    available_losses,
+    get_loss,
+    loss_config_class,
+    loss_spec,
+    register_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +39,7 @@ __all__ = [
     "Loss",
     "LossConfig",
     "LossOutput",
+    "LossSpec",
     "PolicyBatch",
     "RolloutCorrection",
     "__version__",
@@ -43,6 +52,7 @@ __all__ = [
     "get_loss",
     "icepop",
     "loss_config_class",
+    "loss_spec",
     "register_loss",
     "sequence_mask",
     "token_tis",

@@ -25,13 +25,7 @@ def safe_exp(log_value: torch.Tensor, bound: float = LOG_RATIO_BOUND) -> torch.T
 
 
 def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A mask as 0/1 values in ``dtype``.
-
-    A bool mask is read through a uint8 view of the same storage (bool and uint8 are both one
-    byte, 0 or 1): the same values as ``mask.to(dtype)``, through a much faster CPU kernel.
-    """
-    if mask.dtype == torch.bool and not torch.compiler.is_compiling():  # compiled: a plain cast fuses
-        return mask.view(torch.uint8).to(dtype)
+    """A mask as 0/1 values in ``dtype`` (for mask-weighted sums)."""
     return mask.to(dtype)
 
 
@@ -55,39 +49,9 @@ def weighted_sum(values: torch.Tensor, weights: torch.Tensor, dim: int | None = 
     return (values * weights).sum(dim=dim)
 
 
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def zero_where_false(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``torch.where(mask, values, 0)``: the same bits, NaN/inf at masked positions included.
-
-    For fp32/fp64 values that need no gradient and a bool mask of the same shape, the selection is
-    a bitwise AND with an all-ones/all-zeros integer mask: ``torch.where`` with a random boolean
-    pattern runs an order of magnitude slower than an elementwise op on CPU. Anything else
-    (other dtypes, broadcasting, a graph to record) goes through ``torch.where``.
-    """
-    itype = _SAME_WIDTH_INT.get(values.dtype)
-    if (
-        itype is None
-        or mask.dtype != torch.bool
-        or mask.shape != values.shape
-        or (values.requires_grad and torch.is_grad_enabled())
-    ):
-        return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
-    bits = mask.view(torch.uint8).to(itype).neg_()  # −1 (all bits set) where True, 0 where False
-    bits &= values.view(itype)
-    return bits.view(values.dtype)
-
-
-def select_bool(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
-    """``torch.where(condition, if_true, if_false)`` for bool tensors, as ``(c & a) | (~c & b)``:
-    the same result, without ``torch.where``'s slow CPU path for random boolean patterns."""
-    return (condition & if_true) | (~condition & if_false)
-
-
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Σ mask·values, with masked positions contributing exactly zero (even if they hold inf/NaN)."""
-    zeroed = zero_where_false(values, mask)
+    zeroed = torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
     return zeroed.sum() if dim is None else zeroed.sum(dim=dim)
 
 

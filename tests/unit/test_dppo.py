@@ -206,6 +206,7 @@ def test_missing_fields_are_named(gen):
         ({"delta_high": float("nan")}, "delta_high"),
         ({"delta_low": "0.1"}, "delta_low"),
         ({"anchor": "behavior"}, "anchor"),
+        ({"weight_anchor": "mu"}, "weight_anchor"),
         ({"ratio_cap": 0.0}, "ratio_cap"),
         ({"aggregation": "mean"}, "aggregation"),
     ],
@@ -227,31 +228,55 @@ def test_correction_composes(gen):
     assert any(k.startswith("rollout_corr/") for k in corrected.metrics)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("deltas", [(0.05, 0.05), (0.02, 0.3)])
-def test_binary_fast_paths_match_reference_divergence_and_mask(dtype, deltas):
-    """The fused binary paths give bit-identical divergences and the same mask as `binary_kl` /
-    `binary_tv` + `trust_region_mask`, including p or q at 1, tiny probabilities and the ln 2 boundary."""
-    from stable_async.losses.dppo import _binary_kl_parts, _binary_tv_parts
+@pytest.mark.parametrize("delta", [0.15, 0.05])
+def test_recompute_mode_gates_with_old_and_weights_with_rollout(gen, delta):
+    """anchor='old', weight_anchor='rollout' is the paper code's ``dppo_binary_tv_recompute``:
+    mask (p − p_old) > δ_high if A > 0, (p − p_old) < −δ_low otherwise, weight min(p/μ, c),
+    written out here in probability space (not through `trust_region_mask`)."""
+    t = random_tensors(gen, spread=1.0)
+    batch = sa.PolicyBatch(**t)
+    out = sa.get_loss("dppo_binary_tv", anchor="old", weight_anchor="rollout", delta_low=delta, delta_high=delta,
+                      ratio_cap=2.0, aggregation="token-sum")(batch)  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, t["logprobs"])
+    lp = t["logprobs"].detach()
+    diff = lp.exp() - t["old_logprobs"].exp()
+    invalid = torch.where(t["advantages"] > 0, diff > delta, diff < -delta)
+    weight = (lp - t["rollout_logprobs"]).exp().clamp(max=2.0)
+    valid = (~invalid & t["mask"]).double()
+    assert 0 < invalid[t["mask"]].double().mean() < 1 and ((lp - t["rollout_logprobs"]).exp() > 2.0).any()
+    assert torch.allclose(grad, -valid * weight * t["advantages"], atol=1e-14)
+    assert out.loss.item() == pytest.approx((-valid * weight * t["advantages"] * lp).sum().item(), abs=1e-12)
+    assert out.metrics["actor/pg_clipfrac"] == pytest.approx(invalid[t["mask"]].double().mean().item())
+    assert out.metrics["actor/ppo_kl"] == pytest.approx((t["rollout_logprobs"] - lp)[t["mask"]].mean().item())
 
-    gen = torch.Generator().manual_seed(3)
-    edges = torch.tensor([0.0, -0.0, -1e-12, -1e-7, -0.6931471805599453, -0.69, -0.7, -20.0, -80.0, -1e-3], dtype=dtype)
-    lq = torch.cat([-torch.rand(4000, generator=gen, dtype=dtype) * 4, edges.repeat_interleave(len(edges))])
-    lp = torch.cat(
-        [(lq[:4000] + 0.3 * torch.randn(4000, generator=gen, dtype=dtype)).clamp(max=0.0), edges.repeat(len(edges))]
-    )
-    adv = torch.randn(lq.shape, generator=gen, dtype=dtype)
-    adv[::7] = 0.0
-    lp, lq, adv = lp[None], lq[None], adv[None]
-    low, high = deltas
-    cfg = DPPOKLConfig(delta_low=low, delta_high=high)
-    for parts, ref in ((_binary_kl_parts, D.binary_kl), (_binary_tv_parts, D.binary_tv)):
-        div, dropped, positive = parts(lp, lq, cfg, adv)
-        assert torch.equal(positive, adv > 0)
-        expected = ref(lp, lq)
-        assert torch.equal(div.isnan(), expected.isnan())
-        assert torch.equal(torch.nan_to_num(div), torch.nan_to_num(expected))
-        assert torch.equal(dropped, trust_region_mask(lp, lq, adv, expected, low, high))
+
+@pytest.mark.parametrize("name", ["dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv"])
+@pytest.mark.parametrize("anchor", ["rollout", "old"])
+def test_weight_anchor_none_is_the_trust_region_anchor(gen, name, anchor):
+    t = random_tensors(gen, spread=1.0)
+    B, T = t["logprobs"].shape
+    topk = {"topk_logprobs": torch.full((B, T, 2), -1.5, dtype=torch.float64),
+            "current_topk_logprobs": torch.full((B, T, 2), -1.0, dtype=torch.float64)}  # fmt: skip
+    batch = sa.PolicyBatch(**t, **(topk if "topk" in name else {}))
+    default = sa.get_loss(name, anchor=anchor)(batch)
+    explicit = sa.get_loss(name, anchor=anchor, weight_anchor=anchor)(batch)
+    other = sa.get_loss(name, anchor=anchor, weight_anchor="old" if anchor == "rollout" else "rollout")(batch)
+    assert torch.equal(default.per_token_loss, explicit.per_token_loss) and default.metrics == explicit.metrics
+    assert not torch.equal(default.per_token_loss, other.per_token_loss)
+    assert sa.get_loss(name, anchor=anchor).weights_by_rollout is (anchor == "rollout")
+    assert sa.get_loss(name, anchor=anchor, weight_anchor="rollout").weights_by_rollout is True
+    assert sa.get_loss(name, anchor="rollout", weight_anchor="old").weights_by_rollout is False
+
+
+def test_weight_anchor_needs_its_field(gen):
+    t = random_tensors(gen)
+    no_rollout = sa.PolicyBatch(**{k: v for k, v in t.items() if k != "rollout_logprobs"})
+    loss = sa.get_loss("dppo_binary_kl", anchor="old", weight_anchor="rollout")
+    assert loss.requires == {"old_logprobs", "rollout_logprobs"}
+    with pytest.raises(ValueError, match="rollout_logprobs: required by dppo_binary_kl with anchor='old', weight_"):
+        loss(no_rollout)
+    with pytest.raises(ValueError, match="weight_anchor: expected one of"):
+        sa.get_loss("dppo_binary_kl", weight_anchor="behavior")
 
 
 def _binary_kl_exact(lp: float, lq: float) -> float:

@@ -222,7 +222,11 @@ def test_sketch_memory_cosine_error_within_005(gen):
         _, m = run_pair(gac, params, g_prev, g)
         assert abs(m["gac/cos"] - cos) <= 0.05, (cos, m["gac/cos"])
         assert m["gac/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-5)  # the norm is exact
-    assert gac._prev[0].numel() == 8192 and gac._prev[1].numel() == 1696 and gac._prev[2].numel() == 77
+    assert (
+        gac.stored.reference[0].numel() == 8192
+        and gac.stored.reference[1].numel() == 1696
+        and gac.stored.reference[2].numel() == 77
+    )
 
 
 def test_default_sketch_budget_within_1pct_and_cosine_error_within_005(gen):
@@ -236,9 +240,9 @@ def test_default_sketch_budget_within_1pct_and_cosine_error_within_005(gen):
         g_prev, g = pair_with_cosine(n, cos, gen)
         _, m = run_pair(gac, params, g_prev, g)
         assert abs(m["gac/cos"] - cos) <= 0.05, (cos, m["gac/cos"])
-    stored = sum(t.numel() for t in gac._prev)
+    stored = sum(t.numel() for t in gac.stored.reference)
     assert stored <= 0.01 * n, stored / n
-    assert [t.numel() for t in gac._prev] == [6144, 3072, 1024, 512, 77] == gac.sketch_dims
+    assert [t.numel() for t in gac.stored.reference] == [6144, 3072, 1024, 512, 77] == gac.sketch_dims
 
 
 def test_count_sketch_inner_product_unbiased(gen):
@@ -303,7 +307,7 @@ def test_bf16_grads_full_memory(gen):
     _, m = run_pair(gac, params, g_prev, g)
     assert abs(m["gac/cos"] - 0.8) < 1e-2 and m["gac/action"] == 1.0
     assert all(p.grad.dtype == torch.bfloat16 for p in params)
-    assert gac._prev[0].dtype == torch.float32
+    assert gac.stored.reference[0].dtype == torch.float32
 
 
 def test_param_groups_and_duplicates():
@@ -366,7 +370,7 @@ def test_load_state_dict_layout_mismatch(gen):
         other.load_state_dict(state)
     with pytest.warns(UserWarning, match="dropping"):
         other.load_state_dict(state, strict=False)
-    assert other.step == 1 and not other._has_prev
+    assert other.step == 1 and not other.stored.has_reference
     with pytest.raises(ValueError, match="memory"):
         GradientAlignmentControl(params, memory="bf16").load_state_dict(state)
 
@@ -388,6 +392,11 @@ def test_load_state_dict_layout_mismatch(gen):
         ({"sketch_dim": 0}, "sketch_dim"),
         ({"seed": 1.5}, "seed"),
         ({"sharded": "yes"}, "sharded"),
+        ({"adaptive": "false"}, "adaptive"),
+        ({"adaptive": 1}, "adaptive"),
+        ({"one_sided": "no"}, "one_sided"),
+        ({"strength": True}, "strength"),
+        ({"adaptive_k": "2"}, "adaptive_k"),
         ({"memory": "sketch", "mode": "project"}, "memory='sketch'"),
     ],
 )
@@ -420,3 +429,164 @@ def test_state_dict_snapshot_survives_further_steps(gen):
     train(resumed, resumed_params, grads, start=3)
     for p, q in zip(resumed_params, params, strict=True):
         assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- rollout batches
+
+
+def exact_cos(a, b):
+    return (torch.dot(a, b) / (a.norm() * b.norm())).item()
+
+
+def test_minibatches_of_one_rollout_batch_are_not_compared_with_each_other(gen):
+    """Minibatch gradients of one rollout batch are aligned by construction (cos ≈ 0.999 here);
+    each is compared with the previous batch's last gradient (⟂ to them), so nothing is projected."""
+    n = n_params()
+    previous, shared = pair_with_cosine(n, 0.0, gen)
+    minibatches = [shared + 0.001 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    assert min(exact_cos(minibatches[0], m) for m in minibatches[1:]) > 0.99
+    params = make_params()
+    gac = GradientAlignmentControl(params, mode="project", threshold=0.5)
+    gac.new_rollout_batch()
+    set_grads(params, previous)
+    gac.apply()
+    gac.new_rollout_batch()
+    for g in minibatches:
+        set_grads(params, g)
+        m = gac.apply()
+        assert m["gac/cos"] == pytest.approx(exact_cos(g, previous), abs=1e-12) and abs(m["gac/cos"]) < 0.2
+        assert m["gac/action"] == 0.0 and torch.equal(flat_grads(params), g)
+    # The control: without rollout batches the second minibatch is compared with the first and cut.
+    params = make_params()
+    plain = GradientAlignmentControl(params, mode="project", threshold=0.5)
+    for g in (previous, *minibatches[:2]):
+        set_grads(params, g)
+        m = plain.apply()
+    assert m["gac/cos"] == pytest.approx(exact_cos(minibatches[1], minibatches[0]), abs=1e-12)
+    assert m["gac/action"] == 1.0
+
+
+def test_stale_aligned_rollout_batches_are_still_projected(gen):
+    """Each rollout batch's gradients align at cos 0.9 with the previous batch's last raw gradient r:
+    every step is projected, g ← g − ⟨g, r⟩ r / ‖r‖², against r, not against its own minibatches."""
+    n = n_params()
+    params = make_params()
+    gac = GradientAlignmentControl(params, mode="project", threshold=0.5)
+    last = torch.randn(n, generator=gen, dtype=torch.float64)
+    gac.new_rollout_batch()
+    set_grads(params, last)
+    gac.apply()
+    for _ in range(4):
+        gac.new_rollout_batch()
+        for _ in range(3):
+            fresh = torch.randn(n, generator=gen, dtype=torch.float64)
+            fresh = fresh - torch.dot(fresh, last) / torch.dot(last, last) * last
+            g = 0.9 * last / last.norm() + math.sqrt(1 - 0.81) * fresh / fresh.norm()
+            set_grads(params, g)
+            m = gac.apply()
+            assert m["gac/cos"] == pytest.approx(0.9, abs=1e-12) and m["gac/action"] == 1.0
+            expected = g - torch.dot(g, last) / torch.dot(last, last) * last
+            assert torch.allclose(flat_grads(params), expected, atol=1e-13)
+        last = g  # the raw gradient of the batch's last step is the next reference
+
+
+def test_reference_is_the_last_gradient_of_the_previous_batch(gen):
+    n = n_params()
+    first, second, current = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3))
+    params = make_params()
+    gac = GradientAlignmentControl(params, mode="monitor")
+    gac.new_rollout_batch()
+    for g in (first, second):
+        set_grads(params, g)
+        m = gac.apply()
+    assert math.isnan(m["gac/cos"])  # no previous rollout batch yet
+    gac.new_rollout_batch()
+    set_grads(params, current)
+    assert gac.apply()["gac/cos"] == pytest.approx(exact_cos(current, second), abs=1e-12)
+    gac.new_rollout_batch()
+    gac.new_rollout_batch()  # an empty batch keeps the reference
+    set_grads(params, first)
+    assert gac.apply()["gac/cos"] == pytest.approx(exact_cos(first, current), abs=1e-12)
+
+
+@pytest.mark.parametrize("stop", [4, 6])  # mid-batch, and at the end of a batch (before the next call)
+def test_resume_with_rollout_batches_matches_uninterrupted(gen, stop):
+    n = n_params()
+    base = torch.randn(n, generator=gen, dtype=torch.float64)
+    grads = [base * 0.8 + torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(12)]
+    kwargs = {"mode": "project", "threshold": 0.2, "adaptive": True, "adaptive_k": 0.5}
+
+    def run(gac, params, start, end):
+        for k in range(start, end):
+            if k % 3 == 0:
+                gac.new_rollout_batch()
+            train(gac, params, grads, start=k, stop=k + 1)
+
+    ref_params = make_params()
+    ref = GradientAlignmentControl(ref_params, **kwargs)
+    run(ref, ref_params, 0, 12)
+    params = make_params()
+    first = GradientAlignmentControl(params, **kwargs)
+    run(first, params, 0, stop)
+    assert first.state_dict()["rollout_batch"]["enabled"] and first.state_dict()["rollout_batch"]["pending"]
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = GradientAlignmentControl(params, **kwargs)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    run(resumed, params, stop, 12)
+    for p, q in zip(params, ref_params, strict=True):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+    assert resumed.last_metrics == ref.last_metrics
+
+
+def test_checkpoint_without_rollout_batch_state_loads_as_not_in_use(gen):
+    params = make_params()
+    gac = GradientAlignmentControl(params)
+    set_grads(params, torch.randn(n_params(), generator=gen, dtype=torch.float64))
+    gac.apply()
+    state = {k: v for k, v in gac.state_dict().items() if k != "rollout_batch"}
+    other = GradientAlignmentControl(make_params())
+    other.new_rollout_batch()
+    other.load_state_dict(state)
+    assert other.stored.has_reference and not other.stored.by_rollout_batch
+
+
+# --------------------------------------------------------------------------- the functional core
+
+
+def test_decide_covers_every_mode():
+    from stable_async.optim.gac import decide
+
+    assert decide(math.nan, 1.0, 0.5, "project") == "pass"
+    assert decide(0.9, 1.0, 0.5, "monitor") == "pass"
+    assert decide(0.6, 1.0, 0.5, "project") == "project"
+    assert decide(0.6, -1.0, 0.5, "project") == "pass"  # one-sided: ⟨g, d⟩ ≤ 0 is never cut
+    assert decide(-0.6, -1.0, 0.5, "project", one_sided=False) == "project"
+    assert decide(0.6, 1.0, 0.5, "skip") == "skip" and decide(0.6, 1.0, 0.5, "skip", skip_threshold=0.7) == "pass"
+    assert decide(0.8, 1.0, 0.5, "project", skip_threshold=0.7) == "skip"
+
+
+def test_statistics_and_threshold_are_the_bias_corrected_ema():
+    from stable_async.optim.gac import GACStatistics, adaptive_threshold
+
+    stats = GACStatistics()
+    assert adaptive_threshold(stats.observe(0.3, 0.9), 0.5, 2.0, 0.9) == 0.5  # fewer than two observed
+    for c in (0.2, 0.4):
+        stats = stats.observe(c, 0.9)
+    w = [0.1 * 0.9, 0.1]  # EMA weights of 0.2 and 0.4, debiased by 1 − 0.9²
+    mean = (w[0] * 0.2 + w[1] * 0.4) / (1 - 0.81)
+    sq = (w[0] * 0.04 + w[1] * 0.16) / (1 - 0.81)
+    assert adaptive_threshold(stats, 0.5, 2.0, 0.9) == pytest.approx(mean + 2 * math.sqrt(sq - mean * mean), abs=1e-15)
+
+
+def test_alignment_sums_and_projection_alone(gen):
+    from stable_async.optim.gac import alignment_sums, cosine, project_
+
+    a, b, r1 = (torch.randn(k, generator=gen, dtype=torch.float64) for k in (5, 3, 5))
+    sums = alignment_sums([a, b], [1.0, 0.5], [r1, None], torch.device("cpu")).tolist()
+    assert sums == pytest.approx([torch.dot(a, r1).item(), (a @ a + 0.5 * b @ b).item(), (r1 @ r1).item()], rel=1e-14)
+    assert math.isnan(cosine(1.0, 0.0, 1.0)) and math.isnan(cosine(math.inf, 1.0, 1.0))
+    g = [a.clone(), b.clone()]
+    project_(g, [r1, None], 0.25)
+    assert torch.equal(g[0], a - 0.25 * r1) and torch.equal(g[1], b)

@@ -77,3 +77,139 @@ def test_user_loss_registration_and_duplicates():
         from stable_async import registry
 
         registry._REGISTRY.pop("test_scaled_reinforce", None)
+
+
+# --------------------------------------------------------------------------- declarations
+
+# What each shipped loss declares with its default settings, from the papers / reference code:
+# VCPO and decoupled PPO multiply by a weight against μ, DPPO by sg(min(π_θ/μ, c)); only the
+# top-K DPPO variants read top-K log-probs.
+WEIGHTS_BY_ROLLOUT = {"vcpo", "decoupled_ppo", "dppo_binary_tv", "dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"}
+NEEDS_TOPK = {"dppo_topk_tv", "dppo_topk_kl"}
+# Documented: without rollout_logprobs, μ := π_old (the loss then weights by 1).
+FALLS_BACK_TO_OLD = {"vcpo", "decoupled_ppo", "m2po"}
+VARIANTS = [
+    ("vcpo", {"anchor": "old"}),
+    ("decoupled_ppo", {"proximal": "loglinear"}),
+    ("dppo_binary_kl", {"anchor": "old"}),
+    ("dppo_topk_tv", {"anchor": "old", "weight_anchor": "rollout"}),
+    ("ppo", {"correction": sa.RolloutCorrection(high=2.0)}),
+]
+
+
+def _batch_with_only(fields, gen):
+    """A batch with logprobs, advantages, mask and exactly the given optional fields."""
+    B, T, K = 3, 5, 2
+    lp = (-torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.1).requires_grad_(True)
+    values = {
+        "old_logprobs": lp.detach() - 0.1,
+        "rollout_logprobs": lp.detach() + 0.1,
+        "rewards": torch.rand(B, generator=gen, dtype=torch.float64),
+        "group_ids": torch.zeros(B, dtype=torch.long),
+        "versions": torch.tensor([3, 4, 5]),
+        "current_version": 6,
+        "topk_ids": torch.zeros(B, T, K, dtype=torch.long),
+        "topk_logprobs": torch.full((B, T, K), -1.5, dtype=torch.float64),
+        "current_topk_logprobs": torch.full((B, T, K), -1.2, dtype=torch.float64),
+    }
+    extra = {name: values[name] for name in fields}
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    return sa.PolicyBatch(logprobs=lp, advantages=adv, mask=torch.ones(B, T, dtype=torch.bool), **extra)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [(n, {}) for n in sorted(CLASSICAL | WEIGHTS_BY_ROLLOUT)] + VARIANTS)
+def test_declared_fields_are_enough_and_each_missing_one_is_named(name, kwargs, gen):
+    loss = sa.get_loss(name, **kwargs)
+    assert loss.requires <= sa.registry.BATCH_FIELDS - {"logprobs", "advantages", "mask"}
+    out = loss(_batch_with_only(loss.requires, gen))
+    assert out.loss.isfinite()
+    for field in loss.requires - {"old_logprobs"}:  # old_logprobs defaults to sg(log π_θ)
+        try:
+            missing = _batch_with_only(loss.requires - {field}, gen)
+            fallback = loss(missing)
+        except ValueError as err:
+            assert str(err).startswith(field), err
+            continue
+        assert field == "rollout_logprobs" and name in FALLS_BACK_TO_OLD, (name, field)
+        as_old = loss(missing.replace(rollout_logprobs=missing.old_logprobs))
+        assert fallback.loss.item() == pytest.approx(as_old.loss.item(), abs=1e-15)
+
+
+def test_shipped_declarations():
+    for name in sa.available_losses():
+        if name.startswith("test_"):
+            continue
+        loss = sa.get_loss(name)
+        assert loss.weights_by_rollout is (name in WEIGHTS_BY_ROLLOUT), name
+        assert loss.needs_topk is (name in NEEDS_TOPK), name
+    assert sa.get_loss("vcpo", anchor="old").weights_by_rollout is False
+    assert sa.get_loss("dppo_binary_tv", weight_anchor="old").weights_by_rollout is False
+    assert sa.get_loss("ppo", correction=sa.icepop()).requires == {"old_logprobs", "rollout_logprobs"}
+
+
+def test_a_new_loss_is_seen_through_its_declarations():
+    @sa.register_loss(
+        "test_topk_reweighted",
+        requires={"rollout_logprobs", "topk_logprobs", "current_topk_logprobs"},
+        weights_by_rollout=True,
+        needs_topk=True,
+    )
+    def topk_reweighted(batch, config):
+        return finish(batch, config, -batch.advantages * batch.logprobs, {})
+
+    @dataclass(frozen=True)
+    class AnchorConfig(LossConfig):
+        anchor: str = "rollout"
+
+    @sa.register_loss(
+        "test_anchored",
+        config=AnchorConfig,
+        requires=lambda c: {"rollout_logprobs" if c.anchor == "rollout" else "old_logprobs"},
+        weights_by_rollout=lambda c: c.anchor == "rollout",
+    )
+    def anchored(batch, config):
+        return finish(batch, config, -batch.advantages * batch.logprobs, {})
+
+    try:
+        loss = sa.get_loss("test_topk_reweighted")
+        assert (loss.weights_by_rollout, loss.needs_topk) == (True, True)
+        assert loss.requires == {"rollout_logprobs", "topk_logprobs", "current_topk_logprobs"}
+        assert sa.loss_spec("test_topk_reweighted").fn is topk_reweighted
+        default = sa.get_loss("test_anchored")
+        assert (default.weights_by_rollout, default.needs_topk) == (True, False)
+        old = sa.get_loss("test_anchored", anchor="old")
+        assert (old.weights_by_rollout, old.requires) == (False, {"old_logprobs"})
+    finally:
+        from stable_async import registry
+
+        registry._REGISTRY.pop("test_topk_reweighted", None)
+        registry._REGISTRY.pop("test_anchored", None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"requires": {"rollout_logprob"}}, ValueError, "requires: 'rollout_logprob' is not a PolicyBatch field"),
+        ({"requires": "rollout_logprobs"}, TypeError, "requires: expected a set of PolicyBatch field names"),
+        ({"weights_by_rollout": "yes"}, TypeError, "weights_by_rollout: expected True, False"),
+        ({"needs_topk": 1}, TypeError, "needs_topk: expected True, False"),
+        ({"overwrite": "no"}, TypeError, "overwrite: expected True or False"),
+    ],
+)
+def test_bad_declarations_are_named(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        sa.register_loss("test_bad", **kwargs)
+
+
+def test_a_callable_declaration_returning_a_non_bool_is_named():
+    @sa.register_loss("test_bad_callable", weights_by_rollout=lambda c: "rollout")
+    def bad(batch, config):
+        return finish(batch, config, -batch.advantages * batch.logprobs, {})
+
+    try:
+        with pytest.raises(TypeError, match="weights_by_rollout: loss 'test_bad_callable' declared 'rollout'"):
+            _ = sa.get_loss("test_bad_callable").weights_by_rollout
+    finally:
+        from stable_async import registry
+
+        registry._REGISTRY.pop("test_bad_callable", None)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stable_async._numerics import float_mask, masked_mean
-from stable_async.aggregate import aggregate, aggregate_finite, aggregate_sequences, check_aggregation
+from stable_async._numerics import masked_mean
+from stable_async.aggregate import aggregate, aggregate_sequences, check_aggregation
 
 if TYPE_CHECKING:
     from stable_async.batch import PolicyBatch
@@ -95,34 +95,27 @@ def finish(
 ) -> LossOutput:
     """Apply the correction, aggregate a (B, T) loss matrix, and pack the output.
 
-    The loss is aggregated with mask-weighted sums (`aggregate_finite`), exact when the loss
-    matrix is finite at masked positions, which it is for finite inputs short of an overflow.
-    The loss value is read back with the metrics anyway; if it is not finite, it is recomputed
-    with the selecting `aggregate`, so a NaN/inf at a masked position never reaches the loss.
+    With a `RolloutCorrection`, the loss matrix is multiplied by its weights and the mask
+    intersected with its ``keep``; then `stable_async.aggregate.aggregate` reduces it with the
+    configured mode and data-parallel counts (masked positions never reach the loss, even NaN).
     """
     mask = batch.mask
-    maskf = batch.maskf
     if config.correction is not None:
         result = config.correction(batch)
         loss_mat = loss_mat * result.weights
         mask = mask & result.keep
-        maskf = float_mask(mask, loss_mat.dtype)
         metrics.update(result.metrics)
-    counts = {
-        "global_num_tokens": batch.global_num_tokens,
-        "global_num_seqs": batch.global_num_seqs,
-        "dp_size": batch.dp_size,
-        "norm_length": config.norm_length,
-    }
-    if maskf.dtype != loss_mat.dtype:
-        maskf = maskf.to(loss_mat.dtype)
-    loss = aggregate_finite(loss_mat, mask, maskf, config.aggregation, **counts)
+    loss = aggregate(
+        loss_mat,
+        mask,
+        config.aggregation,
+        global_num_tokens=batch.global_num_tokens,
+        global_num_seqs=batch.global_num_seqs,
+        dp_size=batch.dp_size,
+        norm_length=config.norm_length,
+    )
     metrics["actor/pg_loss"] = loss.detach()
-    values = _to_floats(metrics)
-    if not math.isfinite(values["actor/pg_loss"]):
-        loss = aggregate(loss_mat, mask, config.aggregation, **counts)
-        values["actor/pg_loss"] = float(loss.detach())
-    return LossOutput(loss=loss, metrics=values, per_token_loss=loss_mat.detach())
+    return LossOutput(loss=loss, metrics=_to_floats(metrics), per_token_loss=loss_mat.detach())
 
 
 def finish_sequences(

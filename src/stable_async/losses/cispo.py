@@ -33,7 +33,7 @@ class CISPOConfig(LossConfig):
         check_positive("eps_high", self.eps_high, allow_zero=True)
 
 
-@register_loss("cispo", config=CISPOConfig)
+@register_loss("cispo", config=CISPOConfig, requires={"old_logprobs"})
 def cispo(batch: PolicyBatch, config: CISPOConfig) -> LossOutput:
     """CISPO (see module docstring)."""
     log_ratio = batch.logprobs.detach() - batch.old_logprobs  # no graph: the weight is detached

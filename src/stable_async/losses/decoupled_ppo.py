@@ -134,7 +134,16 @@ def behavior_weight(
     return raw, applied, capped
 
 
-@register_loss("decoupled_ppo", config=DecoupledPPOConfig)
+@register_loss(
+    "decoupled_ppo",
+    config=DecoupledPPOConfig,
+    requires=lambda c: (
+        {"old_logprobs", "rollout_logprobs"}
+        if c.proximal == "recomputed"
+        else {"rollout_logprobs", "versions", "current_version"}
+    ),
+    weights_by_rollout=True,
+)
 def decoupled_ppo(batch: PolicyBatch, config: DecoupledPPOConfig) -> LossOutput:
     """Decoupled PPO (see module docstring)."""
     prox, alpha = _proximal_logprobs(batch, config)

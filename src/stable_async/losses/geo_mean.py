@@ -44,7 +44,7 @@ class GeoMeanConfig(LossConfig):
         check_positive("eps_high", self.eps_high, allow_zero=True)
 
 
-@register_loss("geo_mean", config=GeoMeanConfig)
+@register_loss("geo_mean", config=GeoMeanConfig, requires={"old_logprobs"})
 def geo_mean(batch: PolicyBatch, config: GeoMeanConfig) -> LossOutput:
     """GMPO (see module docstring)."""
     log_ratio = (batch.logprobs - batch.old_logprobs).clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)

@@ -197,7 +197,7 @@ def m2_keep_weights(
     return M2Selection(weights=weights, n=n, kept=kept, m2_before=total / n, m2_after=after)
 
 
-@register_loss("m2po", config=M2POConfig)
+@register_loss("m2po", config=M2POConfig, requires={"old_logprobs", "rollout_logprobs"})
 def m2po(batch: PolicyBatch, config: M2POConfig) -> LossOutput:
     """M2PO (see module docstring)."""
     reference = batch.old_logprobs if config.numerator == "old" else batch.logprobs.detach()

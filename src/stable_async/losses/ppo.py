@@ -11,10 +11,10 @@ Sources: Schulman et al. 2017 (arXiv 1707.06347); clip-higher ε_high from DAPO 
 (OpenRLHF and TRL); veRL's ``vanilla`` always applies a dual clip with c = 3 — pass
 ``dual_clip=3.0`` to reproduce it.
 
-The loss is evaluated with its analytic gradient (`stable_async.losses.fused_surrogate`: one
-autograd node, no second derivatives); ``compile=True`` runs that elementwise core through
-``torch.compile`` (eager fallback with a warning where it is unavailable). When the advantages
-require grad, ordinary autograd ops are used instead.
+The loss is the formula above, differentiated by autograd (second derivatives included).
+``compile=True`` runs the same function through ``torch.compile`` (one fused kernel for the
+elementwise chain, values within a few ulp of eager); where compiling is unavailable it falls
+back to eager with one warning (see `stable_async._compile`).
 
 Metrics (token means): ``actor/pg_clipfrac`` (the clipped term is the larger loss),
 ``actor/pg_clipfrac_lower`` (the dual-clip bound is active, A < 0), ``actor/ppo_kl``.
@@ -22,10 +22,12 @@ Metrics (token means): ``actor/pg_clipfrac`` (the clipped term is the larger los
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from stable_async._compile import compiled_or_eager
 from stable_async._numerics import safe_exp
 from stable_async.batch import PolicyBatch
 from stable_async.losses.base import (
@@ -36,7 +38,6 @@ from stable_async.losses.base import (
     check_positive,
     finish,
 )
-from stable_async.losses.fused_surrogate import fused_clipped_surrogate, surrogate_metrics
 from stable_async.registry import register_loss
 
 
@@ -66,38 +67,50 @@ def clipped_surrogate(
     dual_clip: float | None = None,
     ratio_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate of a given ratio, and the (clipped, dual-clip-active) masks.
+    """Per-token PPO loss of a given ratio, and the bool masks (clipped, dual-clip bound active).
 
+    ℓ = max(−min(r, cap)·A, −clip(r, 1−ε_low, 1+ε_high)·A), then min(ℓ, −c·A) where A < 0.
     Shared by ``ppo``, ``gspo``/``gspo_token`` (sequence ratio) and ``decoupled_ppo``.
     """
     unclipped_ratio = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
-    neg_adv = -advantages.detach() if not advantages.requires_grad else -advantages
-    loss_unclipped = neg_adv * unclipped_ratio
-    loss_clipped = neg_adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss_unclipped = -advantages * unclipped_ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
     if dual_clip is None:
         return loss, clipped, torch.zeros_like(clipped)
-    dual_bound = neg_adv * dual_clip
+    dual_bound = -advantages * dual_clip
     negative = advantages < 0
-    dual_active = (loss > dual_bound) & negative
+    dual_active = negative & (loss > dual_bound)
     return torch.where(negative, torch.minimum(loss, dual_bound), loss), clipped, dual_active
 
 
-@register_loss("ppo", config=PPOConfig)
+def surrogate_of_log_ratio(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    ratio_cap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`clipped_surrogate` of r = exp(clamp(log r, ±20)): the whole elementwise chain of PPO."""
+    return clipped_surrogate(safe_exp(log_ratio), advantages, eps_low, eps_high, dual_clip, ratio_cap)
+
+
+_compiled_surrogate = compiled_or_eager(surrogate_of_log_ratio)
+
+
+def surrogate(compile: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`surrogate_of_log_ratio`, through ``torch.compile`` if ``compile`` (eager fallback)."""
+    return _compiled_surrogate if compile else surrogate_of_log_ratio
+
+
+@register_loss("ppo", config=PPOConfig, requires={"old_logprobs"})
 def ppo(batch: PolicyBatch, config: PPOConfig) -> LossOutput:
     """PPO-clip (see module docstring)."""
-    if not batch.advantages.requires_grad:
-        log_ratio = batch.logprobs.detach() - batch.old_logprobs
-        loss_mat, clipped, dual_active = fused_clipped_surrogate(
-            log_ratio, batch.logprobs, batch.advantages, batch.mask, config.eps_low, config.eps_high,
-            config.dual_clip, config.ratio_cap, compile=config.compile,
-        )  # fmt: skip
-        return finish(batch, config, loss_mat, surrogate_metrics(batch, clipped, dual_active, log_ratio))
     log_ratio = batch.logprobs - batch.old_logprobs
-    ratio = safe_exp(log_ratio)
-    loss_mat, clipped, dual_active = clipped_surrogate(
-        ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip, config.ratio_cap
+    loss_mat, clipped, dual_active = surrogate(config.compile)(
+        log_ratio, batch.advantages, config.eps_low, config.eps_high, config.dual_clip, config.ratio_cap
     )
     metrics = {
         "actor/pg_clipfrac": batch.token_fraction(clipped),

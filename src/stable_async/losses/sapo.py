@@ -35,7 +35,7 @@ class SAPOConfig(LossConfig):
         check_positive("tau_neg", self.tau_neg)
 
 
-@register_loss("sapo", config=SAPOConfig)
+@register_loss("sapo", config=SAPOConfig, requires={"old_logprobs"})
 def sapo(batch: PolicyBatch, config: SAPOConfig) -> LossOutput:
     """SAPO (see module docstring)."""
     ratio = safe_exp(batch.logprobs - batch.old_logprobs)

@@ -72,7 +72,12 @@ def sequence_is_weights(batch: PolicyBatch, config: VCPOConfig) -> tuple[torch.T
     return capped, rho
 
 
-@register_loss("vcpo", config=VCPOConfig)
+@register_loss(
+    "vcpo",
+    config=VCPOConfig,
+    requires=lambda c: {"rollout_logprobs" if c.anchor == "rollout" else "old_logprobs"},
+    weights_by_rollout=lambda c: c.anchor == "rollout",
+)
 def vcpo(batch: PolicyBatch, config: VCPOConfig) -> LossOutput:
     """VCPO loss (see module docstring)."""
     weight, rho = sequence_is_weights(batch, config)

@@ -14,6 +14,17 @@ and before the optimizer, d = g_{t−1}/‖g_{t−1}‖ and c_t = ⟨g_t, g_{t�
 std of the previous steps' c (momentum β). After the step, g_t (``keep="raw"``, default) or
 the regulated gradient (``keep="regulated"``) is stored as the next g_{t−1}.
 
+Rollout batches: with several optimizer steps per rollout batch (PPO minibatches), call
+`GradientAlignmentControl.new_rollout_batch` before the first step of each batch; every step of
+the batch is then compared with the *last* gradient of the *previous* rollout batch, never with
+another minibatch of the same batch (those share their rollouts, so their gradients are aligned
+by construction). Without the call each ``apply()`` is its own rollout batch.
+
+Layout: pure functions compute the alignment sums (`alignment_sums`), the cosine (`cosine`),
+the threshold (`adaptive_threshold`), the decision (`decide`) and the projection (`project_`);
+`GACStatistics` is the adaptive state, `GradientMemory` the stored g_{t−1} (with
+`SketchMemory` for ``memory="sketch"``); `GradientAlignmentControl.apply` composes them.
+
 Defaults: mode="project", τ=0.5, λ=1.0, one-sided, fixed τ, keep="raw", memory="full".
 The paper's own defaults are unknown; these are ours.
 
@@ -29,7 +40,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -126,12 +138,170 @@ def default_sketch_dim(numel: int) -> int:
     return min(numel, max(MIN_SKETCH_DIM, math.ceil(numel * DEFAULT_SKETCH_FRACTION)))
 
 
+# ----------------------------------------------------------------------------- pure functions
+
+Grads = Sequence[torch.Tensor | None]
+
+
+def alignment_sums(
+    grads: Grads,
+    weights: Sequence[float],
+    reference: Grads,
+    device: torch.device,
+    sketches: Grads | None = None,
+) -> torch.Tensor:
+    """This rank's weighted sums (⟨g, r⟩, ‖g‖², ‖r‖²) over its gradient pieces, fp64, shape (3,).
+
+    With ``sketches`` (the sketch memory) the sums are (⟨Sg, r⟩, ‖Sg‖², ‖r‖², ‖g‖²), shape (4,):
+    the first three estimate the cosine, the last is the exact norm. ``reference`` holds the
+    stored g_{t−1} (None where absent); ``weights`` divide replicated DTensor pieces. Summed over
+    the ranks of a sharded gradient they are the global sums.
+    """
+    parts = []
+    for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+        if g is None:
+            continue
+        dtype = _work_dtype(g)
+        f = g.reshape(-1).to(dtype)
+        gg = torch.dot(f, f)
+        prev = reference[i]
+        if sketches is not None:
+            s = sketches[i]
+            assert s is not None
+            zero = torch.zeros((), dtype=dtype, device=g.device)
+            dot = torch.dot(s, prev.to(dtype)) if prev is not None else zero
+            pp = torch.dot(prev.to(dtype), prev.to(dtype)) if prev is not None else zero
+            part = torch.stack([dot, torch.dot(s, s), pp, gg])
+        elif prev is None:
+            part = torch.stack([torch.zeros_like(gg), gg, torch.zeros_like(gg)])
+        else:
+            p64 = prev.reshape(-1).to(dtype)
+            part = torch.stack([torch.dot(f, p64), gg, torch.dot(p64, p64)])
+        parts.append(part.to(device=device, dtype=torch.float64) * w)
+    if not parts:
+        return torch.zeros(3 if sketches is None else 4, dtype=torch.float64, device=device)
+    return torch.stack(parts).sum(0)
+
+
+def cosine(dot: float, gg: float, pp: float) -> float:
+    """c = ⟨g, r⟩ / (‖g‖‖r‖) clamped to [−1, 1]; NaN when a norm is 0 or a sum is not finite."""
+    if not (math.isfinite(dot) and math.isfinite(gg) and math.isfinite(pp)) or not (gg > 0 and pp > 0):
+        return math.nan
+    return max(-1.0, min(1.0, dot / math.sqrt(gg * pp)))
+
+
+@dataclass(frozen=True)
+class GACStatistics:
+    """The adaptive-threshold state: bias-uncorrected EMAs of c and c² over ``n`` observed cosines."""
+
+    n: int = 0
+    ema_mean: float = 0.0
+    ema_sq: float = 0.0
+
+    def observe(self, cos: float, momentum: float) -> GACStatistics:
+        """The statistics with one more cosine (EMA with momentum β)."""
+        return GACStatistics(
+            n=self.n + 1,
+            ema_mean=momentum * self.ema_mean + (1.0 - momentum) * cos,
+            ema_sq=momentum * self.ema_sq + (1.0 - momentum) * cos * cos,
+        )
+
+
+def adaptive_threshold(stats: GACStatistics, base: float, k: float, momentum: float) -> float:
+    """τ = m̂ + k·ŝ from the bias-corrected EMAs, or ``base`` until two cosines were observed."""
+    if stats.n < 2:
+        return base
+    debias = 1.0 - momentum**stats.n
+    mean, sq = stats.ema_mean / debias, stats.ema_sq / debias
+    return mean + k * math.sqrt(max(sq - mean * mean, 0.0))
+
+
+def decide(
+    cos: float, dot: float, tau: float, mode: str, *, one_sided: bool = True, skip_threshold: float | None = None
+) -> str:
+    """``"pass"``, ``"project"`` or ``"skip"`` for a cosine c, the sign of ⟨g, r⟩ and τ (see module docstring)."""
+    if math.isnan(cos) or mode == "monitor":
+        return "pass"
+    if mode == "skip":
+        return "skip" if cos > (tau if skip_threshold is None else skip_threshold) else "pass"
+    if skip_threshold is not None and cos > skip_threshold:
+        return "skip"
+    aligned = (cos > tau and dot > 0) if one_sided else abs(cos) > tau
+    return "project" if aligned else "pass"
+
+
+def project_(grads: Grads, reference: Grads, coef: float) -> None:
+    """g ← g − coef·r in place, coef = λ⟨g, r⟩/‖r‖² (pieces without a stored r are left alone)."""
+    for g, r in zip(grads, reference, strict=True):
+        if g is not None and r is not None:
+            g.add_(r, alpha=-coef)
+
+
+def zero_(grads: Grads) -> None:
+    """g ← 0 in place (a skipped step)."""
+    for g in grads:
+        if g is not None:
+            g.zero_()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class SketchMemory:
+    """The CountSketch map of ``memory="sketch"``: one sketch size per parameter tensor, and a hash
+    seeded with (``seed``, parameter index, rank) so every step uses the same map."""
+
+    def __init__(self, numels: Sequence[int], sketch_dim: int | None, seed: int) -> None:
+        self.sketch_dim, self.seed = sketch_dim, seed
+        self.dims = [self.dim_of(n) for n in numels]
+
+    def dim_of(self, numel: int) -> int:
+        return default_sketch_dim(numel) if self.sketch_dim is None else min(numel, self.sketch_dim)
+
+    def compress(self, grads: Grads, rank: int) -> list[torch.Tensor | None]:
+        """S g per parameter tensor (None where the gradient is None); ``rank`` 0 unless sharded."""
+        return [
+            None if g is None else count_sketch(g.reshape(-1), self.dim_of(g.numel()), _mix_seed(self.seed, i, rank))
+            for i, g in enumerate(grads)
+        ]
+
+
+class GradientMemory:
+    """The stored gradient r = g_{t−1} (``reference``) and, within a rollout batch, the newest one.
+
+    Without rollout batches every stored gradient becomes the reference at once. After
+    `new_rollout_batch` has been called, stored gradients wait in ``pending`` and the newest one
+    becomes the reference at the next call.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.reference: list[torch.Tensor | None] = [None] * n
+        self.has_reference = False
+        self.by_rollout_batch = False
+        self.pending: list[torch.Tensor | None] | None = None
+
+    def store(self, tensors: list[torch.Tensor | None]) -> None:
+        if self.by_rollout_batch:
+            self.pending = tensors
+        else:
+            self.reference, self.has_reference = tensors, True
+
+    def new_rollout_batch(self) -> None:
+        self.by_rollout_batch = True
+        if self.pending is not None:
+            self.reference, self.has_reference, self.pending = self.pending, True, None
+
+    def clear(self) -> None:
+        self.reference, self.has_reference, self.pending = [None] * len(self.reference), False, None
+
+
 class GradientAlignmentControl:
     """Measure, and optionally cut, the alignment of consecutive global gradients (GAC).
 
     Call ``metrics = gac.apply()`` after ``backward()`` (after the last micro-batch and the DP
     reduction) and before ``optimizer.step()``; it edits ``.grad`` in place. In skip mode check
-    ``gac.should_skip`` and do not call ``optimizer.step()`` when it is True.
+    ``gac.should_skip`` and do not call ``optimizer.step()`` when it is True. With several
+    optimizer steps per rollout batch, call ``gac.new_rollout_batch()`` before the first one.
 
     Args:
         params: tensors (or optimizer-style param groups) whose ``.grad`` form g_t. Parameters whose
@@ -195,13 +365,15 @@ class GradientAlignmentControl:
             _check_range("skip_threshold", skip_threshold, -1.0, 1.0)
         _check_range("adaptive_k", adaptive_k, 0.0, math.inf)
         _check_range("adaptive_momentum", adaptive_momentum, 0.0, 1.0, closed_high=False)
+        _check_flag("adaptive", adaptive)
+        _check_flag("one_sided", one_sided)
         if sketch_dim is not None and (
             isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1
         ):
             raise ValueError(f"GradientAlignmentControl: sketch_dim must be a positive int, got {sketch_dim!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"GradientAlignmentControl: seed must be an int, got {seed!r}")
-        if sharded not in (None, True, False):
+        if sharded is not None and not isinstance(sharded, bool):
             raise ValueError(f"GradientAlignmentControl: sharded must be None, True or False, got {sharded!r}")
         if memory == "sketch" and mode == "project":
             raise ValueError(
@@ -216,51 +388,35 @@ class GradientAlignmentControl:
             )
         self.mode, self.memory, self.keep = mode, memory, keep
         self.threshold, self.strength, self.skip_threshold = float(threshold), float(strength), skip_threshold
-        self.adaptive, self.adaptive_k, self.adaptive_momentum = bool(adaptive), float(adaptive_k), adaptive_momentum
-        self.one_sided, self.sketch_dim, self.seed = bool(one_sided), sketch_dim, seed
+        self.adaptive, self.adaptive_k, self.adaptive_momentum = adaptive, float(adaptive_k), adaptive_momentum
+        self.one_sided, self.sketch_dim, self.seed = one_sided, sketch_dim, seed
         self.process_group = process_group
         self.sharded = has_dtensor if sharded is None else sharded
         self.step = 0
         self.should_skip = False
         self.last_action = "pass"
         self.last_metrics: dict[str, float] = {}
-        self._prev: list[torch.Tensor | None] = [None] * len(self.params)
-        self._has_prev = False
-        self._n_obs, self._ema_mean, self._ema_sq = 0, 0.0, 0.0
-        self.sketch_dims = [self._sketch_dim_of(_local(p).numel()) for p in self.params]
+        self.statistics = GACStatistics()
+        self.stored = GradientMemory(len(self.params))
+        self.sketch = SketchMemory([_local(p).numel() for p in self.params], sketch_dim, seed)
+        self.sketch_dims = self.sketch.dims
 
-    def _sketch_dim_of(self, numel: int) -> int:
-        return default_sketch_dim(numel) if self.sketch_dim is None else min(numel, self.sketch_dim)
+    def _sketch_rank(self) -> int:
+        return rank(self.process_group) if self.sharded and self.memory == "sketch" else 0
 
-    # -- threshold ---------------------------------------------------------------------------
     def current_threshold(self) -> float:
         """τ for the next ``apply()``: fixed, or m̂ + k·ŝ once two cosines have been observed."""
-        if not self.adaptive or self._n_obs < 2:
+        if not self.adaptive:
             return self.threshold
-        debias = 1.0 - self.adaptive_momentum**self._n_obs
-        mean, sq = self._ema_mean / debias, self._ema_sq / debias
-        return mean + self.adaptive_k * math.sqrt(max(sq - mean * mean, 0.0))
+        return adaptive_threshold(self.statistics, self.threshold, self.adaptive_k, self.adaptive_momentum)
 
-    def _observe(self, cos: float) -> None:
-        beta = self.adaptive_momentum
-        self._ema_mean = beta * self._ema_mean + (1.0 - beta) * cos
-        self._ema_sq = beta * self._ema_sq + (1.0 - beta) * cos * cos
-        self._n_obs += 1
+    def new_rollout_batch(self) -> None:
+        """Start a rollout batch: its steps compare with the last gradient of the previous batch.
 
-    def _decide(self, cos: float, dot: float, tau: float) -> str:
-        if math.isnan(cos) or self.mode == "monitor":
-            return "pass"
-        tau_skip = self.skip_threshold if self.skip_threshold is not None else tau
-        if self.mode == "skip":
-            return "skip" if cos > tau_skip else "pass"
-        if self.skip_threshold is not None and cos > self.skip_threshold:
-            return "skip"
-        aligned = (cos > tau and dot > 0) if self.one_sided else abs(cos) > tau
-        return "project" if aligned else "pass"
-
-    # -- the step ----------------------------------------------------------------------------
-    def _sketch_seed_rank(self) -> int:
-        return rank(self.process_group) if self.sharded else 0
+        Call it once per rollout batch, before the batch's first ``apply()``. From the first call
+        on, the gradients stored during a batch become the reference only at the next call.
+        """
+        self.stored.new_rollout_batch()
 
     @torch.no_grad()
     def apply(self) -> dict[str, float]:
@@ -268,68 +424,37 @@ class GradientAlignmentControl:
         grads = [None if p.grad is None else _local(p.grad) for p in self.params]
         weights = [1.0 if p.grad is None else 1.0 / _replicas(p.grad, i) for i, p in enumerate(self.params)]
         device = next((g.device for g in grads if g is not None), _local(self.params[0]).device)
-        sketches: list[torch.Tensor | None] = [None] * len(grads)
-        parts = []
-        seed_rank = self._sketch_seed_rank() if self.memory == "sketch" else 0
-        for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
-            if g is None:
-                continue
-            flat = g.reshape(-1)
-            dtype = _work_dtype(g)
-            f = flat.to(dtype)
-            gg = torch.dot(f, f)
-            if self.memory == "sketch":
-                dim = self._sketch_dim_of(flat.numel())
-                s = sketches[i] = count_sketch(flat, dim, _mix_seed(self.seed, i, seed_rank))
-                prev = self._prev[i]
-                zero = torch.zeros((), dtype=dtype, device=g.device)
-                dot = torch.dot(s, prev.to(dtype)) if prev is not None else zero
-                pp = torch.dot(prev.to(dtype), prev.to(dtype)) if prev is not None else zero
-                part = torch.stack([dot, torch.dot(s, s), pp, gg])
-            else:
-                prev = self._prev[i]
-                if prev is None:
-                    part = torch.stack([torch.zeros_like(gg), gg, torch.zeros_like(gg)])
-                else:
-                    p64 = prev.reshape(-1).to(dtype)
-                    part = torch.stack([torch.dot(f, p64), gg, torch.dot(p64, p64)])
-            parts.append(part.to(device=device, dtype=torch.float64) * w)
-        n_sums = 4 if self.memory == "sketch" else 3
-        local = torch.stack(parts).sum(0) if parts else torch.zeros(n_sums, dtype=torch.float64, device=device)
+        sketches = self.sketch.compress(grads, self._sketch_rank()) if self.memory == "sketch" else None
+        local = alignment_sums(grads, weights, self.stored.reference, device, sketches)
         if self.sharded and world_size(self.process_group) > 1:
             local = all_reduce_sum(local, self.process_group)  # the one collective of the step
         sums = local.tolist()  # one host sync
-        dot, gg_est, pp = sums[0], sums[1], sums[2]
-        gg = sums[3] if self.memory == "sketch" else gg_est
-
+        dot, gg_est, pp = sums[:3]
+        gg = sums[3] if sketches is not None else gg_est
         finite = all(math.isfinite(v) for v in sums)
-        defined = finite and self._has_prev and gg_est > 0 and pp > 0
-        cos = max(-1.0, min(1.0, dot / math.sqrt(gg_est * pp))) if defined else math.nan
+
+        cos = cosine(dot, gg_est, pp) if finite and self.stored.has_reference else math.nan
         tau = self.current_threshold()
-        action = self._decide(cos, dot, tau)
+        action = decide(cos, dot, tau, self.mode, one_sided=self.one_sided, skip_threshold=self.skip_threshold)
         storable = finite and gg > 0 and not (action == "skip" and self.keep == "regulated")
-
-        coef = self.strength * dot / pp if action == "project" else 0.0
-        for i, g in enumerate(grads):
-            new_prev = None
-            if self.memory == "sketch":
-                new_prev = sketches[i]
-            elif storable and self.keep == "raw" and g is not None:
-                new_prev = self._copy(g)
-            if g is not None:
-                if action == "skip":
-                    g.zero_()
-                elif action == "project" and self._prev[i] is not None:
-                    g.add_(self._prev[i], alpha=-coef)
-            if storable:
-                if self.keep == "regulated" and self.memory != "sketch" and g is not None:
-                    new_prev = self._copy(g)
-                self._prev[i] = new_prev
+        raw = sketches if sketches is not None else self._copies(grads) if storable and self.keep == "raw" else None
+        if action == "skip":
+            zero_(grads)
+        elif action == "project":
+            project_(grads, self.stored.reference, self.strength * dot / pp)
         if storable:
-            self._has_prev = True
-        if defined:
-            self._observe(cos)
+            self.stored.store(raw if raw is not None else self._copies(grads))
+        if not math.isnan(cos):
+            self.statistics = self.statistics.observe(cos, self.adaptive_momentum)
+        return self._finish(action, cos, tau, gg, finite)
 
+    def _copies(self, grads: Grads) -> list[torch.Tensor | None]:
+        dtype = torch.bfloat16 if self.memory == "bf16" else None
+        return [
+            None if g is None else g.to(dtype or torch.promote_types(g.dtype, torch.float32), copy=True) for g in grads
+        ]
+
+    def _finish(self, action: str, cos: float, tau: float, gg: float, finite: bool) -> dict[str, float]:
         self.step += 1
         self.should_skip = action == "skip"
         self.last_action = action
@@ -344,68 +469,89 @@ class GradientAlignmentControl:
         }
         return dict(self.last_metrics)
 
-    def _copy(self, g: torch.Tensor) -> torch.Tensor:
-        if self.memory == "bf16":
-            return g.to(torch.bfloat16, copy=True)
-        return g.to(torch.promote_types(g.dtype, torch.float32), copy=True)
-
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Stored g_{t−1} (this rank's pieces), adaptive statistics, step count, sketch seed.
+        """Stored g_{t−1} (this rank's pieces), adaptive statistics, step count, sketch seed, and
+        the rollout-batch bookkeeping (whether `new_rollout_batch` is in use, the pending gradient).
 
         Like ``torch.optim.Optimizer.state_dict()``, the tensors are references, not copies (GAC
         never edits them in place, so the snapshot stays valid while training continues).
         """
+        pending = self.stored.pending
         return {
             "version": 1,
             "step": self.step,
             "memory": self.memory,
             "sketch_dim": self.sketch_dim,
             "seed": self.seed,
-            "sketch_rank": self._sketch_seed_rank() if self.memory == "sketch" else 0,
-            "has_prev": self._has_prev,
-            "prev": [None if t is None else t.detach() for t in self._prev],
-            "adaptive": {"n": self._n_obs, "ema_mean": self._ema_mean, "ema_sq": self._ema_sq},
+            "sketch_rank": self._sketch_rank(),
+            "has_prev": self.stored.has_reference,
+            "prev": _detached(self.stored.reference),
+            "adaptive": {
+                "n": self.statistics.n,
+                "ema_mean": self.statistics.ema_mean,
+                "ema_sq": self.statistics.ema_sq,
+            },
+            "rollout_batch": {
+                "enabled": self.stored.by_rollout_batch,
+                "pending": None if pending is None else _detached(pending),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore a ``state_dict()``. A stored gradient that does not fit the current parameters
         (other sharding, memory mode or sketch seed) raises with ``strict=True``; with
-        ``strict=False`` it is dropped (the next step then acts as a first step)."""
+        ``strict=False`` it is dropped (the next step then acts as a first step). A checkpoint
+        without rollout-batch bookkeeping (older versions) restores as "not in use"."""
         problem = self._layout_problem(state)
         if problem is not None and strict:
             raise ValueError(f"GradientAlignmentControl.load_state_dict: {problem} (pass strict=False to drop it)")
         self.step = int(state["step"])
         adaptive = state["adaptive"]
-        self._n_obs, self._ema_mean, self._ema_sq = int(adaptive["n"]), adaptive["ema_mean"], adaptive["ema_sq"]
+        self.statistics = GACStatistics(int(adaptive["n"]), adaptive["ema_mean"], adaptive["ema_sq"])
+        rollout_batch = state.get("rollout_batch", {"enabled": False, "pending": None})
+        self.stored.clear()
+        self.stored.by_rollout_batch = bool(rollout_batch["enabled"])
         if problem is not None:
             warnings.warn(f"GradientAlignmentControl: dropping the stored gradient: {problem}", stacklevel=2)
-            self._prev, self._has_prev = [None] * len(self.params), False
             return
-        self._prev = [
+        self.stored.reference = self._to_devices(state["prev"])
+        self.stored.has_reference = bool(state["has_prev"])
+        if rollout_batch["pending"] is not None:
+            self.stored.pending = self._to_devices(rollout_batch["pending"])
+
+    def _to_devices(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [
             None if t is None else t.detach().to(_local(p).device, copy=True)
-            for t, p in zip(state["prev"], self.params, strict=True)
+            for t, p in zip(tensors, self.params, strict=True)
         ]
-        self._has_prev = bool(state["has_prev"])
 
     def _layout_problem(self, state: dict[str, Any]) -> str | None:
         if state.get("version") != 1:
             return f"unknown state version {state.get('version')!r}"
         if state["memory"] != self.memory:
             return f"memory={state['memory']!r} in the checkpoint, {self.memory!r} now"
-        if len(state["prev"]) != len(self.params):
-            return f"{len(state['prev'])} stored tensors for {len(self.params)} parameters"
         if self.memory == "sketch":
             saved = (state["sketch_dim"], state["seed"], state["sketch_rank"])
-            if saved != (self.sketch_dim, self.seed, self._sketch_seed_rank()):
+            if saved != (self.sketch_dim, self.seed, self._sketch_rank()):
                 return f"sketch (sketch_dim, seed, rank) = {saved} in the checkpoint, differs now"
-            expected = [self._sketch_dim_of(_local(p).numel()) for p in self.params]
+            expected = self.sketch.dims
         else:
             expected = [_local(p).numel() for p in self.params]
-        for i, (t, n) in enumerate(zip(state["prev"], expected, strict=True)):
-            if t is not None and t.numel() != n:
-                return f"stored tensor {i} has {t.numel()} elements, the parameter's local piece needs {n}"
+        pending = state.get("rollout_batch", {}).get("pending")
+        for name, stored in (("stored", state["prev"]), ("pending", pending)):
+            if stored is None:
+                continue
+            if len(stored) != len(self.params):
+                return f"{len(stored)} {name} tensors for {len(self.params)} parameters"
+            for i, (t, n) in enumerate(zip(stored, expected, strict=True)):
+                if t is not None and t.numel() != n:
+                    return f"{name} tensor {i} has {t.numel()} elements, the parameter's local piece needs {n}"
         return None
+
+
+def _detached(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach() for t in tensors]
 
 
 def _collect_params(params: Any) -> list[torch.Tensor]:
@@ -429,6 +575,11 @@ def _collect_params(params: Any) -> list[torch.Tensor]:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"GradientAlignmentControl: {name} must be one of {choices}, got {value!r}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"GradientAlignmentControl: {name} must be True or False, got {value!r}")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, closed_high: bool = True) -> None:
