@@ -350,6 +350,33 @@ def time_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return _table(["method"] + [f"lag {lag}" for lag in lags], rows, markdown)
 
 
+def guide_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Per lag, indexed by uncorrected PPO's measured drift: which methods are best there.
+
+    "Best" = the cell with the highest mean final success, and every cell whose seed range
+    reaches it (final_max ≥ the best mean): the spread over seeds does not separate them.
+    """
+    base = [c for c in cells if _is_base(c) and c["lag"] != OFFLINE]
+    rows = []
+    for lag in sorted({c["lag"] for c in base}, key=lag_order):
+        at = [c for c in base if c["lag"] == lag]
+        ref = next((c for c in at if c["method"] == REFERENCE), None)
+        best = max(at, key=lambda c: (c["final"], c["auc"]))
+        tied = [c for c in sorted(at, key=lambda c: -c["final"]) if c["final_max"] >= best["final"]]
+        rows.append(
+            [
+                str(lag),
+                _num(ref["ess_ratio"] if ref else None, ".3f"),
+                _num(ref["token_ess_ratio"] if ref else None, ".3f"),
+                _num(ref["mismatch_kl"] if ref else None, ".4f"),
+                _pct(ref["kept"]) if ref else "—",
+                ", ".join(f"{_name(c['method'], markdown)} {c['final']:.2f}" for c in tied),
+            ]
+        )
+    header = ["lag", "PPO ESS/N seq", "PPO ESS/N token", "PPO KL k3", "PPO kept", "best (final; ties by seed range)"]
+    return _table(header, rows, markdown)
+
+
 def _by_setting(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -384,6 +411,13 @@ def markdown_report(records: Sequence[dict[str, Any]], info: dict[str, Any], ima
         seeds = sorted({r["seed"] for r in runs})
         out += [f"## {setting}", "", f"Seeds {', '.join(map(str, seeds))}; shared lr unless the row says `@tuned`.", ""]
         out += ["Checks:", ""] + [f"- {line}" for line in checks(cells)] + [""]
+        out += [
+            "Guide: per lag, the drift uncorrected PPO measures there (what a user reads in veRL's "
+            "`rollout_corr/*` or `stable_async.effective_sample_size`) and the methods that are best:",
+            "",
+            guide_table(cells, markdown=True),
+            "",
+        ]
         out += [
             "Final greedy success, mean over seeds, bounded staleness, shared lr; (kept) = fraction of the same "
             "method's lag-0 success; `*` a collapse; `†` not above the method's offline control:",
