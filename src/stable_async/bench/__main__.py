@@ -31,6 +31,17 @@ def _lags(text: str) -> tuple[int | str, ...]:
     return tuple(OFFLINE if x.strip() == OFFLINE else int(x) for x in text.split(",") if x.strip())
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N, got {text!r}")
+    return index, count
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     if names == ("all",):
@@ -69,7 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
     p.add_argument(
-        "--from", dest="from_dir", type=Path, help="do not run: re-render DIR/results.json (tables, Markdown, plots)"
+        "--from",
+        dest="from_dirs",
+        type=Path,
+        action="append",
+        help="do not run: re-render DIR/results.json (tables, Markdown, plots); given several times, merge "
+        "the runs of each (e.g. the shards of one grid) into --out",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        help="K/N: run only every N-th run of the grid, starting at the K-th (0-based); merge with --from",
     )
     p.add_argument("--report-md", type=Path, help="also write the Markdown results section to this file")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -158,9 +179,14 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_list())
         return 0
-    if args.from_dir is not None:
-        out_dir = args.from_dir
+    if args.from_dirs:
+        out_dir = args.from_dirs[0]
         records, info = report.load(out_dir)
+        if len(args.from_dirs) > 1:
+            records, info = report.merge([report.load(d) for d in args.from_dirs])
+            out_dir = args.out
+            report.annotate(records)
+            report.write_outputs(records, info, out_dir)
     else:
         import torch
 
@@ -168,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
 
         out_dir = args.out
         specs, info = _specs(args)
+        if args.shard is not None:
+            index, count = args.shard
+            specs = specs[index::count]
         print(f"stable-async bench: {len(specs)} runs on {args.workers} worker(s) -> {out_dir}", file=sys.stderr)
         start = time.perf_counter()
         records = run_grid(specs, workers=args.workers, progress=not args.no_progress)

@@ -501,6 +501,30 @@ def load(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return records, info
 
 
+def merge(parts: Sequence[tuple[list[dict[str, Any]], dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Runs of several outputs (the shards of one grid) as one: records in grid order, times summed."""
+    from stable_async.bench.presets import PRESETS
+    from stable_async.bench.runner import grid, record_key, spec_key
+
+    records = [r for rs, _ in parts for r in rs]
+    info = dict(parts[0][1])
+    preset = PRESETS.get(info.get("preset", ""))
+    if preset is not None:
+        order = {spec_key(s): i for i, s in enumerate(grid(preset.blocks))}
+        records.sort(key=lambda r: order.get(record_key(r), len(order)))
+    command = info.get("command", "")
+    if "--shard" in command:
+        words = command.split()
+        at = words.index("--shard")
+        info["command"] = " ".join(words[:at] + words[at + 2 :])
+    info["runs"] = len(records)
+    info["shards"] = len(parts)
+    info["wall_time_s"] = max(i.get("wall_time_s", 0.0) for _, i in parts)
+    info["cpu_time_s"] = sum(i.get("cpu_time_s", 0.0) for _, i in parts)
+    info["workers"] = sum(i.get("workers", 1) for _, i in parts)
+    return records, info
+
+
 def write_markdown(records: Sequence[dict[str, Any]], info: dict[str, Any], out_dir: Path, md_path: Path) -> None:
     has_plots = any(out_dir.glob("*.png"))
     image_dir = os.path.relpath(out_dir, md_path.parent) if has_plots else None
