@@ -199,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
             specs = specs[index::count]
         print(f"stable-async bench: {len(specs)} runs on {args.workers} worker(s) -> {out_dir}", file=sys.stderr)
         start = time.perf_counter()
-        records = run_grid(specs, workers=args.workers, progress=not args.no_progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        journal = out_dir / "runs.jsonl"  # one line per finished run, so that an interrupted grid keeps its runs
+        journal.unlink(missing_ok=True)
+        records = run_grid(specs, workers=args.workers, progress=not args.no_progress, journal=journal)
         info.update(
             command="stable-async bench " + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["bench"] else sys.argv[2:]),
             runs=len(records),

@@ -9,10 +9,12 @@ sorted before they are returned.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from stable_async.bench.presets import Block
@@ -63,11 +65,17 @@ def _completed(specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
             yield future.result()
 
 
-def run_grid(specs: list[RunSpec], workers: int = 2, progress: bool = True) -> list[dict[str, Any]]:
+def run_grid(
+    specs: list[RunSpec], workers: int = 2, progress: bool = True, journal: Path | None = None
+) -> list[dict[str, Any]]:
+    """Run every spec; with ``journal``, also append each record to that JSON-lines file as it finishes."""
     bar = _progress(len(specs), progress)
     records, start = [], time.perf_counter()
     for i, record in enumerate(_completed(specs, workers), 1):
         records.append(record)
+        if journal is not None:
+            with open(journal, "a") as f:
+                f.write(json.dumps(record) + "\n")
         note = (
             f"{record['task']} {record['method']} lag={record['lag']} {record['staleness']} seed={record['seed']}: "
             f"final {record['final_success']:.2f}"
