@@ -135,7 +135,8 @@ def test_cell_summary_offline_flag_and_checks():
         "sim_time_to_90": None,
         "collapsed": False,
     }
-    rows = [("ppo", 0, 0.8, 0.4), ("ppo", 8, 0.3, 0.1), ("ppo", "offline", 0.35, 0.2), ("ppo_tis", 8, 0.7, 0.3)]
+    rows = [("ppo", 0, 0.8, 0.4), ("ppo", 8, 0.3, 0.1), ("ppo", "offline", 0.35, 0.2)]
+    rows += [("ppo_tis", 0, 0.8, 0.4), ("ppo_tis", 8, 0.7, 0.3), ("ppo_tis", "offline", 0.2, 0.1)]
     records = [
         {**base, "method": m, "lag": lag, "seed": 0, "final_success": f, "auc": a}
         | ({"staleness": "offline"} if lag == "offline" else {})
@@ -148,7 +149,7 @@ def test_cell_summary_offline_flag_and_checks():
     lines = report.checks(list(cells.values()))
     assert any("Hard" in line and "met" in line and "NOT" not in line for line in lines)  # 0.375 ≤ 0.5
     assert any("do not beat their offline control" in line and "`ppo` lag 8" in line for line in lines)
-    assert any("best cell at lag 8 (`ppo_tis`" in line for line in lines)
+    assert any("best cell at lag 8 (`ppo_tis`, 0.70) beats its offline control (0.20)" in line for line in lines)
 
 
 def test_cli_parses(capsys):

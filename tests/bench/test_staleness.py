@@ -121,7 +121,7 @@ def test_cost_model_hand_computed():
 
 def test_per_step_cosine_uses_one_gradient_per_training_step(monkeypatch):
     monkeypatch.setattr(trainer_module, "GRAD_CLIP", 1e12)  # the optimizer sees the raw minibatch gradients
-    settings = dataclasses.replace(TINY, minibatches=2, steps=4)
+    settings = dataclasses.replace(TINY, minibatches=2, steps=4, reward="tokens")  # dense: no zero gradient
     tr = Trainer(RunSpec("ppo", 1, 0, settings))
     seen_minibatch, seen_step = [], []
     real_step = tr.optimizer.step
@@ -144,7 +144,7 @@ def test_per_step_cosine_uses_one_gradient_per_training_step(monkeypatch):
         for g, a, b in zip(step_grads, seen_minibatch[2 * t], seen_minibatch[2 * t + 1]):
             torch.testing.assert_close(g, a + b)
     cos = record["trace_grad_cos"]
-    assert math.isnan(cos[0])
+    assert math.isnan(cos[0]) and all(math.isfinite(c) for c in cos[1:])
     for t in range(1, settings.steps):
         assert cos[t] == pytest.approx(flat_cosine(seen_step[t], seen_step[t - 1]), abs=1e-6)
     within = record["trace_within_batch_cos"]
