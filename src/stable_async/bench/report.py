@@ -290,12 +290,18 @@ def cell_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def lag_matrix(cells: Sequence[dict[str, Any]], key: str, markdown: bool = False) -> str:
-    """Methods × lags, each entry ``mean (kept%)`` of ``key`` ("final" or "auc"); * collapse, † ≤ offline."""
+    """Methods × lags, each entry ``mean (kept%)`` of ``key`` ("final" or "auc"); * collapse, † ≤ offline.
+
+    Rows are sorted by ``key`` at the largest lag (best first).
+    """
     lags = sorted({c["lag"] for c in cells}, key=lag_order)
     kept_key = "kept" if key == "final" else "kept_auc"
     by = {(c["method"], c["lag"]): c for c in cells}
     rows = []
-    for m in dict.fromkeys(c["method"] for c in cells):
+    big = _largest_lag(cells)
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    methods.sort(key=lambda m: -by[(m, big)][key] if (m, big) in by else 0.0)
+    for m in methods:
         row = [_name(m, markdown)]
         for lag in lags:
             c = by.get((m, lag))
@@ -480,7 +486,8 @@ def slug_of(setting: str) -> str:
 def write_outputs(records: Sequence[dict[str, Any]], info: dict[str, Any], out_dir: Path) -> None:
     """results.json (one record per run, curves included), runs.csv, summary.csv, run_info.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(list(records), indent=1, allow_nan=True) + "\n")
+    lines = ",\n".join(json.dumps(r, allow_nan=True) for r in records)  # one record per line
+    (out_dir / "results.json").write_text("[\n" + lines + "\n]\n")
     (out_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
     scalar = [k for k in records[0] if k not in CURVE_FIELDS and not k.startswith(CURVE_PREFIX)] if records else []
     with open(out_dir / "runs.csv", "w", newline="") as f:
