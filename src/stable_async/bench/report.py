@@ -312,7 +312,7 @@ def lag_matrix(cells: Sequence[dict[str, Any]], key: str, markdown: bool = False
             kept = "" if lag in (0, OFFLINE) else f" ({_pct(c[kept_key])})"
             row.append(f"{c[key]:.2f}{kept}{mark}")
         rows.append(row)
-    return _table(["method"] + [f"lag {lag}" for lag in lags], rows, markdown)
+    return _table(["method"] + [lag if lag == OFFLINE else f"lag {lag}" for lag in lags], rows, markdown)
 
 
 def drift_table(cells: Sequence[dict[str, Any]], method: str = REFERENCE, markdown: bool = False) -> str:
@@ -425,8 +425,9 @@ def markdown_report(records: Sequence[dict[str, Any]], info: dict[str, Any], ima
             "",
         ]
         out += [
-            "Final greedy success, mean over seeds, bounded staleness, shared lr; (kept) = fraction of the same "
-            "method's lag-0 success; `*` a collapse; `†` not above the method's offline control:",
+            "Final success (exact answers among sampled responses, pass@1), mean over seeds, bounded staleness, "
+            "shared lr, rows by the largest lag; (kept) = fraction of the same method's lag-0 success; `*` a "
+            "collapse in some seed; `†` not above the method's offline control:",
             "",
             lag_matrix(base, "final", markdown=True),
             "",
