@@ -2,7 +2,9 @@
 
 A preset is a list of blocks; every method in a block gets the same `BenchSettings`: the same
 task, the same number of training steps, the same batch, warm start and engine. Method
-hyperparameters live in `stable_async.bench.methods`, nowhere else.
+hyperparameters live in `stable_async.bench.methods`, nowhere else. How the defaults were
+calibrated (warm start, outcome reward, the shared lr, the budget) is in
+``benchmarks/staleness/sweep.md``.
 """
 
 from __future__ import annotations
