@@ -520,11 +520,7 @@ def merge(parts: Sequence[tuple[list[dict[str, Any]], dict[str, Any]]]) -> tuple
     if preset is not None:
         order = {spec_key(s): i for i, s in enumerate(grid(preset.blocks))}
         records.sort(key=lambda r: order.get(record_key(r), len(order)))
-    command = info.get("command", "")
-    if "--shard" in command:
-        words = command.split()
-        at = words.index("--shard")
-        info["command"] = " ".join(words[:at] + words[at + 2 :])
+    info["command"] = f"stable-async bench --preset {info.get('preset', '?')}, merged from {len(parts)} parts"
     info["runs"] = len(records)
     info["shards"] = len(parts)
     info["wall_time_s"] = max(i.get("wall_time_s", 0.0) for _, i in parts)
