@@ -18,7 +18,7 @@ rollout batch unless the preset says otherwise (BenchSettings.minibatches / epoc
 
 Learning rates. ``LEARNING_RATE`` is shared by every method (the lr of the headline tables);
 ``TUNED_LR`` holds each method's best lr from the sweep in ``benchmarks/staleness/sweep.md``
-(seeds 100 and 101, never reported), used by the ``*@tuned`` rows.
+(seed 100, never reported), used by the ``*@tuned`` rows.
 """
 
 from __future__ import annotations
@@ -38,9 +38,25 @@ GRAD_CLIP = 1.0  # max global gradient norm: veRL's actor.grad_clip, AReaL's gra
 ADV_EPS = 1e-6  # advantage = (R − b) / (group std + eps)
 TOPK = 4  # ids per position the engine reports for DPPO top-K (of a vocabulary of M + 1)
 
-# Each method's best lr on the sweep seeds (benchmarks/staleness/sweep.md); a method missing
-# here had the shared lr as its best.
-TUNED_LR: dict[str, float] = {}
+# Each method's best lr on the sweep seed (benchmarks/staleness/sweep-lr.md, from
+# `stable-async bench --preset sweep` and benchmarks/staleness/pick_lr.py); a method missing
+# here (delight, vcpo) had the shared lr as its best.
+TUNED_LR: dict[str, float] = {
+    name: 2.5e-3
+    for name in (
+        "ppo",
+        "ppo_tis",
+        "icepop",
+        "gspo",
+        "cispo",
+        "decoupled_ppo",
+        "m2po",
+        "dppo_binary_tv",
+        "dppo_topk_tv",
+        "gac",
+        "dppo_tv_recompute",
+    )
+}
 
 
 @dataclass(frozen=True)
