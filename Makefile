@@ -1,5 +1,5 @@
 # Two entry points, each creating (or reusing) the virtual environment in .venv:
-#   make run    the main job: the quick staleness stress benchmark (about 2 minutes on 2 cores)
+#   make run    the main job: the quick staleness stress benchmark (under 3 minutes on 2 cores)
 #   make test   lint + the whole test suite + a strict docs build
 PYTHON ?= python3
 VENV ?= .venv
@@ -38,7 +38,7 @@ $(STAMP): $(CORE_STAMP)
 run: $(CORE_STAMP)
 	$(PY) -m stable_async.bench --preset quick --out bench-out
 
-# The full benchmark behind docs/benchmark.md (about 20 minutes on 2 cores).
+# The full benchmark behind docs/benchmark.md and docs/benchmark-results.md (see the timing there).
 bench-full: $(CORE_STAMP)
 	$(PY) -m stable_async.bench --preset full --workers 2 --out bench-full --report-md docs/benchmark-results.md
 

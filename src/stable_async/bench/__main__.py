@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stable_async.bench.methods import METHODS, VARIANTS
+from stable_async.bench.engine import OFFLINE, STALENESS_MODELS
+from stable_async.bench.methods import METHODS, TUNED_LR, get_method
 from stable_async.bench.presets import PRESETS
 from stable_async.bench.tasks import TASKS
 
@@ -26,20 +27,42 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _lags(text: str) -> tuple[int | str, ...]:
+    return tuple(OFFLINE if x.strip() == OFFLINE else int(x) for x in text.split(",") if x.strip())
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"expected 0 <= K < N, got {text!r}")
+    return index, count
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     if names == ("all",):
         return tuple(METHODS)
-    unknown = [n for n in names if n not in METHODS and n not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; see --list")
+    for name in names:
+        try:
+            get_method(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}; see --list") from None
     return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="grid and budget (default: quick)")
     p.add_argument("--methods", type=_names, help="comma-separated method names, or 'all' (default: the preset's)")
-    p.add_argument("--lags", type=_ints, help="comma-separated lags in training steps, e.g. 0,8,32")
+    p.add_argument(
+        "--lags", type=_lags, help="comma-separated staleness bounds in training steps, or 'offline', e.g. 0,4,offline"
+    )
+    p.add_argument(
+        "--staleness", choices=STALENESS_MODELS, help="staleness model for every block (default: the preset's)"
+    )
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), help=f"comma-separated, from {list(TASKS)}")
     p.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
@@ -49,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a BenchSettings field (presets.py), e.g. --set head_scale=1 --set reward=prefix",
+        help="override a BenchSettings field (presets.py), e.g. --set steps=64 --set reward=outcome",
     )
     p.add_argument("--logit-noise", type=float, help="engine mismatch: std of the noise on the engine's logits")
     p.add_argument("--buggy-fraction", type=float, help="friction: fraction of sequences from a buggy actor")
@@ -57,7 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
     p.add_argument(
-        "--from", dest="from_dir", type=Path, help="do not run: re-render DIR/results.json (tables, Markdown, plots)"
+        "--from",
+        dest="from_dirs",
+        type=Path,
+        action="append",
+        help="do not run: re-render DIR/results.json (tables, Markdown, plots); given several times, merge "
+        "the runs of each (e.g. the shards of one grid) into --out",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        help="K/N: run only every N-th run of the grid, starting at the K-th (0-based); merge with --from",
     )
     p.add_argument("--report-md", type=Path, help="also write the Markdown results section to this file")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -66,51 +99,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _list() -> str:
-    lines = ["methods:"] + [f"  {m.name:<16} {m.summary}" for m in METHODS.values()]
-    lines += ["sweep variants (benchmarks/staleness/sweep.md):"] + [
-        f"  {m.name:<16} {m.summary}" for m in VARIANTS.values()
+    lines = ["methods (each also as NAME@tuned, at its swept lr, or NAME@lr=X):"]
+    lines += [
+        f"  {m.name:<18} {m.summary}" + (f" [tuned lr {TUNED_LR[m.name]:g}]" if m.name in TUNED_LR else "")
+        for m in METHODS.values()
     ]
     lines += ["presets:"]
     for p in PRESETS.values():
-        lines.append(
-            f"  {p.name:<6} methods={','.join(p.methods)} lags={list(p.lags)} seeds={list(p.seeds)} "
-            f"tasks={list(p.tasks)} steps={p.settings.steps}"
-        )
+        lines.append(f"  {p.name:<6} {p.description}")
+        for b in p.blocks:
+            lines.append(
+                f"         {b.settings.task}/{b.settings.reward}/H={b.settings.length}/{b.settings.engine.staleness}: "
+                f"{len(b.methods)} methods, lags {list(b.lags)}, seeds {list(b.seeds)}, {b.settings.steps} steps"
+            )
     return "\n".join(lines)
+
+
+def _override(settings: Any, items: list[str]) -> Any:
+    for item in items:
+        name, _, text = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(settings) if f.name != "engine"}
+        if name not in fields or not text:
+            raise SystemExit(f"--set: expected FIELD=VALUE with FIELD in {sorted(fields)}, got {item!r}")
+        current = getattr(settings, name)
+        if isinstance(current, str):
+            value: Any = text
+        elif isinstance(current, bool):
+            value = text.lower() in ("1", "true", "yes")
+        elif isinstance(current, int):
+            value = int(text)
+        else:
+            value = float(text)
+        settings = dataclasses.replace(settings, **{name: value})
+    return settings
 
 
 def _specs(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     from stable_async.bench.runner import grid
 
     preset = PRESETS[args.preset]
-    settings = preset.settings
-    if args.steps is not None:
-        settings = dataclasses.replace(settings, steps=args.steps)
-    for item in args.overrides:
-        name, _, text = item.partition("=")
-        fields = {f.name: f for f in dataclasses.fields(settings) if f.name != "engine"}
-        if name not in fields or not text:
-            raise SystemExit(f"--set: expected FIELD=VALUE with FIELD in {sorted(fields)}, got {item!r}")
-        current = getattr(settings, name)
-        value = text if isinstance(current, str) else (int(text) if isinstance(current, int) else float(text))
-        settings = dataclasses.replace(settings, **{name: value})
     engine_changes = {
         k: v
         for k, v in {
+            "staleness": args.staleness,
             "logit_noise": args.logit_noise,
             "buggy_fraction": args.buggy_fraction,
             "reward_corruption": args.reward_corruption,
         }.items()
         if v is not None
     }
-    if engine_changes:
-        settings = dataclasses.replace(settings, engine=dataclasses.replace(settings.engine, **engine_changes))
-    tasks = args.tasks or preset.tasks
-    for task in tasks:
+    blocks = []
+    for block in preset.blocks:
+        if args.tasks and block.settings.task not in args.tasks:
+            continue
+        settings = _override(block.settings, args.overrides)
+        if args.steps is not None:
+            settings = dataclasses.replace(settings, steps=args.steps)
+        if engine_changes:
+            settings = dataclasses.replace(settings, engine=dataclasses.replace(settings.engine, **engine_changes))
+        blocks.append(
+            dataclasses.replace(
+                block,
+                settings=settings,
+                methods=args.methods or block.methods,
+                lags=args.lags or block.lags,
+                seeds=args.seeds or block.seeds,
+            )
+        )
+    for task in args.tasks or ():
         if task not in TASKS:
             raise SystemExit(f"--tasks: unknown task {task!r}; expected one of {list(TASKS)}")
-    specs = grid(args.methods or preset.methods, args.lags or preset.lags, args.seeds or preset.seeds, settings, tasks)
-    return specs, {"preset": preset.name, "settings": dataclasses.asdict(settings)}
+    specs = list(dict.fromkeys(grid(blocks)))  # --methods / --lags may make two blocks the same
+    return specs, {"preset": preset.name, "blocks": [dataclasses.asdict(b) for b in blocks]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,9 +179,14 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_list())
         return 0
-    if args.from_dir is not None:
-        out_dir = args.from_dir
+    if args.from_dirs:
+        out_dir = args.from_dirs[0]
         records, info = report.load(out_dir)
+        if len(args.from_dirs) > 1:
+            records, info = report.merge([report.load(d) for d in args.from_dirs])
+            out_dir = args.out
+            report.annotate(records)
+            report.write_outputs(records, info, out_dir)
     else:
         import torch
 
@@ -129,9 +194,15 @@ def run(args: argparse.Namespace) -> int:
 
         out_dir = args.out
         specs, info = _specs(args)
+        if args.shard is not None:
+            index, count = args.shard
+            specs = specs[index::count]
         print(f"stable-async bench: {len(specs)} runs on {args.workers} worker(s) -> {out_dir}", file=sys.stderr)
         start = time.perf_counter()
-        records = run_grid(specs, workers=args.workers, progress=not args.no_progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        journal = out_dir / "runs.jsonl"  # one line per finished run, so that an interrupted grid keeps its runs
+        journal.unlink(missing_ok=True)
+        records = run_grid(specs, workers=args.workers, progress=not args.no_progress, journal=journal)
         info.update(
             command="stable-async bench " + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["bench"] else sys.argv[2:]),
             runs=len(records),
@@ -140,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
             cpu_time_s=sum(r["cpu_time_s"] for r in records),
             torch=torch.__version__,
             python=platform.python_version(),
-            methods={m.name: m.summary for m in [*METHODS.values(), *VARIANTS.values()]},
+            methods={m.name: m.summary for m in METHODS.values()},
+            tuned_lr=dict(TUNED_LR),
         )
+        report.annotate(records)
         report.write_outputs(records, info, out_dir)
     if not args.no_plots:  # with --from too: re-draws the figures from the stored records
         from stable_async.bench.plots import write_plots

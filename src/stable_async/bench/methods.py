@@ -1,23 +1,29 @@
-"""The method table: every stabilizer the benchmark compares, and every hyperparameter it uses.
+"""The method table: every stabilizer the benchmark compares, configured as its authors run it.
 
 A `Method` says which registered loss to build (`stable_async.get_loss`) with which settings,
 what the loss receives as ``old_logprobs``, how advantages are formed, and which optimizer-side
-wrappers are on. This file is the only place hyperparameters live; each value is a paper's
-default or comes from the sweep in ``benchmarks/staleness/sweep.md`` (on seeds that are never
-reported), as its comment says.
+wrappers are on. This file is the only place hyperparameters live; each row's comment names
+the upstream file (or paper section) it follows. Every method takes one optimizer step per
+rollout batch unless the preset says otherwise (BenchSettings.minibatches / epochs).
 
 ``old`` (what the loss sees as π_old):
 
 * ``"recomputed"``: the trainer's log-probs at the start of the step (veRL's default
-  "recompute old_log_prob"). The stale behavior policy μ reaches the loss only through
-  ``rollout_logprobs``, i.e. only if a correction or the loss itself reads it. Uncorrected PPO
-  with this setting is the "naive async" baseline: its ratio starts at 1 on stale data.
-* ``"rollout"``: bypass mode, π_old := μ, the engine's log-probs. The loss's own trust region
-  (GSPO's sequence clip, CISPO's weight clip, M2PO's second-moment mask) faces the staleness.
+  "recompute old_log_prob"). μ reaches the loss only through ``rollout_logprobs``, i.e. only
+  if a correction or the loss itself reads it. Uncorrected PPO with this setting is the
+  "naive async" baseline: its ratio starts at 1 on stale data.
+* ``"rollout"``: bypass mode, π_old := μ, the engine's log-probs.
+* ``"current"``: π_old := sg(π_θ), the log-probs of the forward pass being differentiated
+  (VCPO's reference: the ratio is 1 by construction and the sequence IS weight does the work).
+
+Learning rates. ``LEARNING_RATE`` is shared by every method (the lr of the headline tables);
+``TUNED_LR`` holds each method's best lr from the sweep in ``benchmarks/staleness/sweep.md``
+(seed 100, never reported), used by the ``*@tuned`` rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +32,31 @@ import torch
 
 import stable_async as sa
 
-# Shared by every method. BENCHMARK.md calibrates with 3e-3; with the confident initial policy
-# (presets.head_scale = 3) 3e-3 kills every method at lag 8, 1.5e-3 keeps lag 0 at 1.0 (sweep.md).
-LEARNING_RATE = 1.5e-3
+LEARNING_RATE = 5e-3  # shared by every method (presets docstring: how it was calibrated)
 ADAM_BETAS = (0.9, 0.999)
-GRAD_CLIP = 1.0  # max global gradient norm, as veRL's default actor.grad_clip
+GRAD_CLIP = 1.0  # max global gradient norm: veRL's actor.grad_clip, AReaL's gradient_clipping, VCPO's scripts
 ADV_EPS = 1e-6  # advantage = (R − b) / (group std + eps)
+TOPK = 4  # ids per position the engine reports for DPPO top-K (of a vocabulary of M + 1)
+
+# Each method's best lr on the sweep seed (benchmarks/staleness/sweep-lr.md, from
+# `stable-async bench --preset sweep` and benchmarks/staleness/pick_lr.py); a method missing
+# here (delight, vcpo) had the shared lr as its best.
+TUNED_LR: dict[str, float] = {
+    name: 2.5e-3
+    for name in (
+        "ppo",
+        "ppo_tis",
+        "icepop",
+        "gspo",
+        "cispo",
+        "decoupled_ppo",
+        "m2po",
+        "dppo_binary_tv",
+        "dppo_topk_tv",
+        "gac",
+        "dppo_tv_recompute",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -39,108 +64,131 @@ class Method:
     name: str
     loss: str  # a name from stable_async.available_losses()
     loss_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    old: str = "recomputed"  # or "rollout" (bypass); see the module docstring
+    old: str = "recomputed"  # "recomputed", "rollout" (bypass) or "current"; see the module docstring
     baseline: str = "group"  # "group": the group mean (GRPO); "opob": VCPO's off-policy optimal baseline
-    ess_lr: bool = False  # wrap the optimizer in sa.ESSScaledLR
-    gac: Mapping[str, Any] | None = None  # sa.GradientAlignmentControl settings, None: off (monitor only)
+    ess_lr: bool = False  # wrap the optimizer in sa.ESSScaledLR (sqrt rule, base ratio 1)
+    gac: Mapping[str, Any] | None = None  # sa.GradientAlignmentControl settings acting on each optimizer step
     topk: bool = False  # the loss needs the engine's top-K log-probs
+    lr: float | None = None  # None: LEARNING_RATE
     summary: str = ""
 
     def build_loss(self) -> sa.Loss:
         return sa.get_loss(self.loss, **self.loss_kwargs)
 
+    def learning_rate(self) -> float:
+        return LEARNING_RATE if self.lr is None else self.lr
+
     def build_optimizer(self, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
-        adam = torch.optim.Adam(params, lr=LEARNING_RATE if lr is None else lr, betas=ADAM_BETAS)
-        return sa.ESSScaledLR(adam) if self.ess_lr else adam  # rule="sqrt", base_ratio=1: the paper's
+        adam = torch.optim.Adam(params, lr=self.learning_rate() if lr is None else lr, betas=ADAM_BETAS)
+        return sa.ESSScaledLR(adam) if self.ess_lr else adam  # rule="sqrt", base_ratio=1: VCPO's scripts
 
-    def build_gac(self, params: Any) -> sa.GradientAlignmentControl:
-        # Every method runs GAC in monitor mode: it is how the gradient-cosine trace is measured.
-        return sa.GradientAlignmentControl(params, **(self.gac or {"mode": "monitor"}))
-
-
-TOPK = 4  # ids per position the engine reports for DPPO top-K (of a vocabulary of M + 1)
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("ppo", "ppo", summary="uncorrected PPO-clip, ε = 0.2 (naive async: π_old recomputed, μ ignored)"),
-        Method(
-            "ppo_tis",
-            "ppo",
-            {"correction": sa.token_tis(high=2.0)},
-            summary="PPO + token TIS min(π_old/μ, 2) (Yao et al. 2025)",
-        ),
-        Method(
-            "icepop",
-            "ppo",
-            {"correction": sa.icepop(low=0.5, high=5.0)},
-            summary="PPO + IcePop: token π_old/μ kept only in [0.5, 5] (arXiv 2510.18855)",
-        ),
-        Method("gspo", "gspo", old="rollout", summary="GSPO, ε = 3e-4 / 4e-4 (paper), sequence ratio against μ"),
-        Method("cispo", "cispo", old="rollout", summary="CISPO, weight min(π_θ/μ, 5) (MiniMax-M1)"),
-        Method(
-            "decoupled_ppo",
-            "decoupled_ppo",
-            {"behavior_cap": 5.0},
-            summary="decoupled PPO (AReaL): clip vs recomputed π_old, weight π_old/μ masked above 5 (AReaL docs)",
-        ),
-        Method(
-            "m2po",
-            "m2po",
-            {"numerator": "current"},
-            old="rollout",
-            summary="M2PO, τ = 0.04 (paper): drop tokens until mean (log π_θ/μ)² ≤ τ, ratio vs μ, no clip",
-        ),
-        Method("dppo_binary_tv", "dppo_binary_tv", summary="DPPO binary TV, δ = 0.15, anchor μ (paper)"),
-        Method(
-            "dppo_topk_tv",
-            "dppo_topk_tv",
-            topk=True,
-            summary=f"DPPO top-{TOPK} TV, δ = 0.15, anchor μ (paper)",
-        ),
-        Method("delight", "delight", summary="Delightful PG, η = 1 (paper): no behavior log-probs"),
-        Method(
-            "vcpo",
-            "vcpo",
-            baseline="opob",
-            ess_lr=True,
-            summary="VCPO: sequence-IS REINFORCE min(ρ, 8) + ESS-scaled LR + OPOB baseline (paper/reference)",
-        ),
-        Method(
-            "gac",
-            "ppo",
-            gac={"mode": "project", "threshold": 0.5, "strength": 1.0},
-            summary="uncorrected PPO + GAC projection, τ = 0.5, λ = 1 (library defaults; rule reconstructed)",
-        ),
-        # The best combination of the sweep (seed 100, sweep.md phase 4): the delight gate on the
-        # current policy times the token TIS weight min(π_old/μ, 2); both at their papers' defaults.
-        Method(
-            "delight_tis",
-            "delight",
-            {"correction": sa.token_tis(high=2.0)},
-            summary="best combination (sweep): delight gate η = 1 × token TIS min(π_old/μ, 2)",
-        ),
-    ]
-}
+    def build_gac(self, params: Any) -> sa.GradientAlignmentControl | None:
+        return None if self.gac is None else sa.GradientAlignmentControl(params, **self.gac)
 
 
-# Variants tried in the sweep (benchmarks/staleness/sweep.md), runnable by name with --methods;
-# not in the presets. Combinations and settings that are not a paper's default live here first.
-VARIANTS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("gac_tau0", "ppo", gac={"mode": "project", "threshold": 0.0}, summary="naive PPO + GAC, τ = 0"),
-        Method("ppo_tis_ess", "ppo", {"correction": sa.token_tis(high=2.0)}, ess_lr=True, summary="TIS + ESS-LR"),
-        Method("decoupled_ess", "decoupled_ppo", {"behavior_cap": 5.0}, ess_lr=True, summary="decoupled + ESS-LR"),
-        Method("dppo_tv_ess", "dppo_binary_tv", ess_lr=True, summary="DPPO binary TV + ESS-LR"),
-        Method("vcpo_group", "vcpo", ess_lr=True, summary="VCPO without OPOB (group-mean baseline)"),
-        Method("ppo_ess", "ppo", ess_lr=True, summary="naive PPO + ESS-LR"),
-    ]
-}
+def _dppo_recompute_available() -> bool:
+    """Whether the library's DPPO config separates the trust-region anchor from the weight anchor."""
+    config = sa.get_loss("dppo_binary_tv").config
+    return any(f.name == "weight_anchor" for f in dataclasses.fields(config))
+
+
+_ROWS = [
+    # veRL core_algos.compute_policy_loss_vanilla, clip 0.2, π_old recomputed, μ ignored.
+    Method("ppo", "ppo", summary="uncorrected PPO-clip, ε = 0.2 (naive async: π_old recomputed, μ ignored)"),
+    # veRL trainer/ppo/rollout_corr_helper.py, rollout_is="token", threshold 2 (Yao et al. 2025).
+    Method(
+        "ppo_tis",
+        "ppo",
+        {"correction": sa.token_tis(high=2.0)},
+        summary="PPO + token TIS min(π_old/μ, 2) (veRL rollout_is=token, threshold 2)",
+    ),
+    # IcePop (arXiv 2510.18855): token mask outside [0.5, 5], veRL rollout_rs="token" bounds.
+    Method(
+        "icepop",
+        "ppo",
+        {"correction": sa.icepop(low=0.5, high=5.0)},
+        summary="PPO + IcePop: token π_old/μ kept only in [0.5, 5] (arXiv 2510.18855)",
+    ),
+    # GSPO (arXiv 2507.18071) §4: ε = 3e-4 / 4e-4, sequence ratio; against μ (bypass).
+    Method("gspo", "gspo", old="rollout", summary="GSPO, ε = 3e-4 / 4e-4 (paper), sequence ratio against μ"),
+    # CISPO (MiniMax-M1, arXiv 2506.13585): weight min(r, 5) (TRL's recommended epsilon_high), against μ.
+    Method("cispo", "cispo", old="rollout", summary="CISPO, weight min(π_θ/μ, 5) (MiniMax-M1; TRL cap)"),
+    # AReaL areal/utils/functional.py ppo_actor_loss_fn with examples/math/gsm8k_grpo.yaml:
+    # use_decoupled_loss, recompute_logprob, eps_clip 0.4, behav_imp_weight_cap 5, ppo_n_minibatches 1.
+    Method(
+        "decoupled_ppo",
+        "decoupled_ppo",
+        {"eps_low": 0.4, "eps_high": 0.4, "behavior_cap": 5.0},
+        summary="decoupled PPO (AReaL gsm8k_grpo.yaml): clip 0.4 vs recomputed π_old, π_old/μ masked above 5",
+    ),
+    # M2PO (arXiv 2510.01161) Algorithm 1: τ = 0.04, second moment of log(π_θ/μ), ratio vs μ, no clip.
+    Method(
+        "m2po",
+        "m2po",
+        {"numerator": "current"},
+        old="rollout",
+        summary="M2PO, τ = 0.04 (paper Alg. 1): drop tokens until mean (log π_θ/μ)² ≤ τ, ratio vs μ, no clip",
+    ),
+    # DPPO (arXiv 2602.04879; sail-sg/Stable-RL): binary TV, δ = 0.15, anchor μ (its default mode).
+    Method("dppo_binary_tv", "dppo_binary_tv", summary="DPPO binary TV, δ = 0.15, trust region and weight vs μ"),
+    Method("dppo_topk_tv", "dppo_topk_tv", topk=True, summary=f"DPPO top-{TOPK} TV, δ = 0.15, anchor μ (paper)"),
+    # Delightful PG (arXiv 2603.14608) §3: η = 1, surprisal of the current learner; no behavior log-probs.
+    Method("delight", "delight", summary="Delightful PG, η = 1 (paper): gate σ(A·ℓ/η), no behavior log-probs"),
+    # mit-han-lab/vcpo recipe/fully_async_policy/shell/vcpo/math/vcpo_k=16.sh with
+    # verl/workers/actor/megatron_actor.py: veRL vanilla loss with clip_ratio_low 1, clip_ratio_high
+    # and clip_ratio_c 1e9 and π_old = the current log-probs detached (ratio ≡ 1, clipping inert),
+    # rollout_is="sequence" threshold 8, seq-mean-token-mean, one step per batch, ESS sqrt scaling
+    # (base ratio 1, unclipped weights), OPOB group scope, use_is_weights, exact per-trajectory norms.
+    Method(
+        "vcpo",
+        "vcpo",
+        old="current",
+        baseline="opob",
+        ess_lr=True,
+        summary="VCPO (mit-han-lab/vcpo): sequence-IS REINFORCE min(ρ, 8) + ESS-sqrt LR + OPOB, exact norms",
+    ),
+    # GAC as the library implements it (docs/gac.md): projection of the previous step's gradient
+    # when the cosine exceeds τ = 0.5, λ = 1, acting on each optimizer step of uncorrected PPO.
+    Method(
+        "gac",
+        "ppo",
+        gac={"mode": "project", "threshold": 0.5, "strength": 1.0},
+        summary="uncorrected PPO + GAC projection, τ = 0.5, λ = 1 (library defaults)",
+    ),
+]
+if _dppo_recompute_available():
+    # DPPO's *_recompute modes (arXiv 2602.04879 §4; sail-sg/Stable-RL): trust region around the
+    # recomputed π_old, weight min(π_θ/μ, 10) against the behavior policy.
+    _ROWS.append(
+        Method(
+            "dppo_tv_recompute",
+            "dppo_binary_tv",
+            {"anchor": "old", "weight_anchor": "rollout"},
+            summary="DPPO binary TV *_recompute: trust region vs recomputed π_old, weight min(π_θ/μ, 10)",
+        )
+    )
+
+METHODS: dict[str, Method] = {m.name: m for m in _ROWS}
+
+TUNED_SUFFIX = "@tuned"
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS.get(name) or VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"method: unknown {name!r}; expected one of {[*METHODS, *VARIANTS]}") from None
+    """A method by name; ``<name>@tuned``: at its swept lr (``TUNED_LR``); ``<name>@lr=X``: at lr X."""
+    base, _, suffix = name.partition("@")
+    method = METHODS.get(base)
+    lr: float | None = None
+    if method is not None and suffix == TUNED_SUFFIX[1:]:
+        lr = TUNED_LR.get(base, LEARNING_RATE)
+    elif method is not None and suffix.startswith("lr="):
+        try:
+            lr = float(suffix[3:])
+        except ValueError:
+            method = None
+        if lr is not None and not (lr > 0 and lr < 1):
+            method = None
+    elif suffix:
+        method = None
+    if method is None:
+        raise ValueError(f"method: unknown {name!r}; expected one of {list(METHODS)}, optionally + '@tuned' or '@lr=X'")
+    return method if lr is None else dataclasses.replace(method, name=name, lr=lr)

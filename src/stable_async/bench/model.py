@@ -8,11 +8,11 @@ multi-head causal self-attention and a GELU MLP, and a linear head over the voca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per layer, (B, heads, t, d_head)
@@ -25,7 +25,20 @@ class ModelConfig:
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 2
-    head_scale: float = 1.0  # multiplies the initial output layer: > 1 gives a confident (low-entropy) initial policy
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v, with a causal mask when the queries are the keys' own positions.
+
+    Written out rather than ``F.scaled_dot_product_attention`` so that ``torch.func.vmap`` (the
+    exact per-sequence gradients of VCPO's baseline) has a batching rule for every op.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        L = q.shape[-2]
+        future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 class Block(nn.Module):
@@ -48,7 +61,7 @@ class Block(nn.Module):
         q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if past is not None:  # decoding: the new position attends to every cached one, no mask needed
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        attn = attention(q, k, v, causal=past is None)
         x = x + self.proj(attn.transpose(1, 2).reshape(B, L, D))
         x = x + self.mlp(self.ln2(x))
         return x, (k, v)
@@ -63,9 +76,6 @@ class TinyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab)
-        with torch.no_grad():
-            self.head.weight.mul_(cfg.head_scale)
-            self.head.bias.mul_(cfg.head_scale)
 
     def forward(self, tokens: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Logits (B, L, V) for ``tokens`` (B, L) placed after the ``past`` positions, and the new cache."""

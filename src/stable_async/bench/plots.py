@@ -1,9 +1,11 @@
 """PNG plots (matplotlib, Agg backend; matplotlib is the ``bench`` extra, imported only here).
 
-Per task: ``success_vs_step_<task>.png`` (one panel per lag, one line per method, mean over
-seeds with the min–max band), ``success_vs_lag_<task>.png`` (final success and AUC against
-the lag), ``ess_trace_<task>.png`` and ``grad_cos_trace_<task>.png`` (per-step ESS/N and
-consecutive-gradient cosine, smoothed, one panel per lag).
+Per setting (bounded staleness, shared lr): ``success_vs_step_<task>.png`` (one panel per lag,
+one line per method, mean over seeds with the min–max band), ``success_vs_lag_<task>.png``
+(final success and AUC against the lag), ``success_vs_time_<task>.png`` (success against the
+simulated wall-clock of `costmodel`, one panel per method, one line per lag),
+``ess_trace_<task>.png`` and ``grad_cos_trace_<task>.png`` (per-step sequence ESS/N and the
+cosine of consecutive step gradients, smoothed, one panel per lag).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stable_async.bench.report import summarize_cells
+from stable_async.bench.report import _by_setting, _times, lag_order, slug_of, summarize_cells
 
 
 def _pyplot() -> Any:
@@ -44,7 +46,7 @@ def _panels(plt: Any, n: int) -> tuple[Any, list[Any]]:
 
 
 def _per_lag_plot(plt: Any, records: Sequence[dict[str, Any]], x_key: str, y_key: str, window: int) -> Any:
-    lags = sorted({r["lag"] for r in records})
+    lags = sorted({r["lag"] for r in records}, key=lag_order)
     methods = list(dict.fromkeys(r["method"] for r in records))
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
     fig, axes = _panels(plt, len(lags))
@@ -65,26 +67,53 @@ def _per_lag_plot(plt: Any, records: Sequence[dict[str, Any]], x_key: str, y_key
     return fig
 
 
+def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    lags = sorted({r["lag"] for r in records if r["lag"] != "offline"}, key=lag_order)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(lags), 2)))
+    fig, axes = _panels(plt, len(methods))
+    for ax, method in zip(axes, methods):
+        for color, lag in zip(colors, lags):
+            runs = [r for r in records if r["lag"] == lag and r["method"] == method]
+            if not runs:
+                continue
+            times = (0.0, *_times(runs[0]["steps"], int(lag)))
+            xs = np.array([times[step] for step in runs[0]["eval_steps"]]) / 1e3
+            ys = np.array([r["success"] for r in runs])
+            ax.plot(xs, ys.mean(0), color=color, label=f"lag {lag}", lw=1.4)
+        target = runs[0].get("sim_target") if runs else None
+        if target:
+            ax.axhline(target, color="grey", ls=":", lw=1)
+        ax.set_title(method)
+        ax.set_xlabel("simulated time (k units)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
 def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     written = []
-    for task in dict.fromkeys(r["task"] for r in records):
-        runs = [r for r in records if r["task"] == task]
+    for setting, everything in _by_setting(records).items():
+        task = slug_of(setting)
+        runs = [r for r in everything if "@" not in r["method"] and r["staleness"] in ("bounded", "offline")]
+        timed = [r for r in runs if r["lag"] != "offline"]
         figures = {
             "success_vs_step": (_per_lag_plot(plt, runs, "eval_steps", "success", 1), "greedy success"),
-            "ess_trace": (_per_lag_plot(plt, runs, "", "trace_ess_ratio", 5), "ESS/N (π_old vs μ)"),
-            "grad_cos_trace": (_per_lag_plot(plt, runs, "", "trace_grad_cos", 5), "cos(g_t, g_t−1)"),
+            "success_vs_time": (_time_plot(plt, timed), "greedy success"),
+            "ess_trace": (_per_lag_plot(plt, runs, "", "trace_ess_ratio", 5), "sequence ESS/N (π_θ vs μ)"),
+            "grad_cos_trace": (_per_lag_plot(plt, runs, "", "trace_grad_cos", 5), "cos(g_t, g_t−1), step gradients"),
         }
         for name, (fig, ylabel) in figures.items():
             fig.axes[0].set_ylabel(ylabel)
-            fig.suptitle(f"{task}: {ylabel}")
+            fig.suptitle(f"{setting}: {ylabel}")
             fig.tight_layout()
             written.append(out_dir / f"{name}_{task}.png")
-            fig.savefig(written[-1], dpi=110)
+            fig.savefig(written[-1], dpi=100)
             plt.close(fig)
 
         cells = summarize_cells(runs)
-        lags = sorted({c["lag"] for c in cells})
+        lags = sorted({c["lag"] for c in cells}, key=lag_order)
         positions = {lag: i for i, lag in enumerate(lags)}  # lags are spread unevenly: equal spacing
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         methods = list(dict.fromkeys(c["method"] for c in cells))
@@ -97,13 +126,13 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             axes[1].plot(xs, [c["auc"] for c in mine], **style)
         for ax, title in zip(axes, ("final greedy success", "area under the success curve")):
             ax.set_xticks(range(len(lags)), [str(lag) for lag in lags])
-            ax.set_xlabel("lag (training steps)")
+            ax.set_xlabel("staleness bound k (training steps); offline: never refreshed")
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, ncol=2)
-        fig.suptitle(f"{task}: success vs lag (mean over seeds)")
+        fig.suptitle(f"{setting}: success vs lag (mean over seeds)")
         fig.tight_layout()
         written.append(out_dir / f"success_vs_lag_{task}.png")
-        fig.savefig(written[-1], dpi=110)
+        fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written

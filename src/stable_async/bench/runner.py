@@ -9,28 +9,37 @@ sorted before they are returned.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from stable_async.bench.presets import BenchSettings
+from stable_async.bench.presets import Block
 from stable_async.bench.trainer import RunSpec, run
 
 
-def grid(
-    methods: Iterable[str], lags: Iterable[int], seeds: Iterable[int], settings: BenchSettings, tasks: Iterable[str]
-) -> list[RunSpec]:
-    """Every combination. Slow runs (large lag keeps more snapshots) do not differ much; no reordering."""
+def grid(blocks: Iterable[Block]) -> list[RunSpec]:
+    """Every (method, lag, seed) of every block, in block order."""
     return [
-        RunSpec(method, lag, seed, replace(settings, task=task))
-        for task in tasks
-        for method in methods
-        for lag in lags
-        for seed in seeds
+        RunSpec(method, lag, seed, block.settings)
+        for block in blocks
+        for method in block.methods
+        for lag in block.lags
+        for seed in block.seeds
     ]
+
+
+def spec_key(spec: RunSpec) -> tuple[Any, ...]:
+    s = spec.settings
+    return (s.task, s.reward, s.length, s.engine.staleness, spec.method, str(spec.lag), spec.seed)
+
+
+def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    staleness = r["engine_staleness"]
+    return (r["task"], r["reward"], r["length"], staleness, r["method"], str(r["lag"]), r["seed"])
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -56,12 +65,21 @@ def _completed(specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
             yield future.result()
 
 
-def run_grid(specs: list[RunSpec], workers: int = 2, progress: bool = True) -> list[dict[str, Any]]:
+def run_grid(
+    specs: list[RunSpec], workers: int = 2, progress: bool = True, journal: Path | None = None
+) -> list[dict[str, Any]]:
+    """Run every spec; with ``journal``, also append each record to that JSON-lines file as it finishes."""
     bar = _progress(len(specs), progress)
     records, start = [], time.perf_counter()
     for i, record in enumerate(_completed(specs, workers), 1):
         records.append(record)
-        note = f"{record['method']} lag={record['lag']} seed={record['seed']}: final {record['final_success']:.2f}"
+        if journal is not None:
+            with open(journal, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        note = (
+            f"{record['task']} {record['method']} lag={record['lag']} {record['staleness']} seed={record['seed']}: "
+            f"final {record['final_success']:.2f}"
+        )
         if bar is not None:
             bar.set_postfix_str(note)
             bar.update(1)
@@ -70,5 +88,5 @@ def run_grid(specs: list[RunSpec], workers: int = 2, progress: bool = True) -> l
             print(f"[{i}/{len(specs)} {elapsed:5.0f}s] {note}", file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
-    order = {(s.settings.task, s.method, s.lag, s.seed): i for i, s in enumerate(specs)}
-    return sorted(records, key=lambda r: order[(r["task"], r["method"], r["lag"], r["seed"])])
+    order = {spec_key(s): i for i, s in enumerate(specs)}
+    return sorted(records, key=lambda r: order[record_key(r)])

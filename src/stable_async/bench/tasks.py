@@ -1,19 +1,21 @@
-"""Tasks with a verifiable reward: token reversal and sorting.
+"""Tasks with a verifiable reward: token reversal and copying.
 
-A prompt is H tokens from a vocabulary of M symbols followed by a separator token (id M); the
-response is H tokens. The target of ``reversal`` is the prompt backwards (the Delightful PG
-paper's task); the target of ``sorting`` is the prompt in ascending order (a different shape:
-every output position depends on the whole multiset, not on one input position).
+A prompt holds H symbols from a vocabulary of M, then a separator (id M). The response is H tokens.
 
-Reward (partial credit, 1 = the exact answer):
+* ``reversal``: the prompt backwards (the Delightful PG paper's task). Output position i reads
+  input position H − 1 − i: the distance between what is read and what is written changes
+  with i.
+* ``copy``: the prompt as it is. A different shape: every output position reads the input at
+  the same distance behind it (H + 1 tokens), the pattern of an induction/copy head.
 
-* ``tokens`` (default): the fraction of correct positions: dense, every position gets credit
-  on its own (all-or-nothing reward at this size is too sparse to learn even synchronously).
-* ``prefix``: the length of the correct prefix / H. Credit for position i needs positions
-  1..i right, so the answer is discovered position by position from the policy's own
-  improving samples. Much harsher under staleness (see benchmarks/staleness/sweep.md).
+Rewards:
 
-Success: the exact answer. A random policy is exactly right with probability (M+1)^-H.
+* ``tokens``: the fraction of correct positions (dense; every position gets credit on its own).
+* ``outcome``: 1 for the exact answer, 0 otherwise (a verifier's binary reward, as in math RL).
+
+Success: the exact answer (`trainer.evaluate` measures it on sampled and on greedy answers).
+Demonstrations for the warm start (`warmstart`) are the exact
+answers with each token replaced, with probability ``noise``, by a uniformly random symbol.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-TASKS = ("reversal", "sorting")
-REWARDS = ("prefix", "tokens")
+TASKS = ("reversal", "copy")
+REWARDS = ("tokens", "outcome")
 
 
 @dataclass(frozen=True)
@@ -45,28 +47,35 @@ class Task:
 
     @property
     def prompt_len(self) -> int:
-        return self.length + 1  # H symbols and the separator
+        return self.length + 1  # H symbols, separator
 
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.length
 
     def sample_prompts(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, H + 1) random prompts ending with the separator."""
+        """(n, prompt_len) random prompts ending with the separator."""
         symbols = torch.randint(self.symbols, (n, self.length), generator=generator)
         return torch.cat([symbols, torch.full((n, 1), self.symbols)], dim=1)
 
     def targets(self, prompts: torch.Tensor) -> torch.Tensor:
         symbols = prompts[:, : self.length]
-        return symbols.flip(1) if self.name == "reversal" else symbols.sort(dim=1).values
+        return symbols.flip(1) if self.name == "reversal" else symbols
 
     def token_correct(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """(n, H) bool: response position equals the target."""
         return responses == self.targets(prompts)
 
     def reward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """(n,) partial credit in [0, 1] (see the module docstring)."""
-        correct = self.token_correct(prompts, responses).float()
-        if self.reward_kind == "prefix":
-            correct = correct.cumprod(dim=1)  # 1 up to the first mistake, 0 after
-        return correct.mean(dim=1)
+        """(n,) in [0, 1]: the fraction of correct positions, or 1 for the exact answer."""
+        correct = self.token_correct(prompts, responses)
+        if self.reward_kind == "outcome":
+            return correct.all(dim=1).float()
+        return correct.float().mean(dim=1)
+
+    def demonstrations(self, prompts: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+        """(n, H) imperfect demonstrations: each target token replaced by a random symbol w.p. ``noise``."""
+        targets = self.targets(prompts)
+        wrong = torch.rand(targets.shape, generator=generator) < noise
+        random = torch.randint(self.symbols, targets.shape, generator=generator)
+        return torch.where(wrong, random, targets)

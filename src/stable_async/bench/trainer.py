@@ -1,16 +1,23 @@
-"""The simulated asynchronous trainer: one run of one method at one lag and one seed.
+"""The simulated asynchronous trainer: one run of one method at one lag, one staleness model, one seed.
 
 It uses only the public `stable_async` API (`sa.PolicyBatch`, `sa.get_loss`, corrections,
-`sa.effective_sample_size`, `sa.ESSScaledLR`, `sa.GradientAlignmentControl`,
-`sa.baselines`, `sa.divergence`), exactly as a user's training loop would. One training step:
+`sa.effective_sample_size`, `sa.ESSScaledLR`, `sa.GradientAlignmentControl`, `sa.baselines`,
+`sa.diagnostics`, `sa.divergence`), as a user's training loop would. One training step t:
 
-1. the engine samples a batch from a snapshot ``lag`` versions old (`engine.RolloutEngine`);
-2. the trainer recomputes the batch's log-probs under its current weights (π_old), measures
-   ESS/N of π_old against the engine's μ, and forms group-normalized advantages;
-3. ``minibatches`` optimizer steps, each: loss → backward → GAC (monitor or act) → gradient
-   clipping → optimizer step (ESS-scaled for VCPO);
-4. the trainer publishes its weights to the engine (version + 1);
-5. every ``eval_every`` steps: greedy success on held-out prompts, and the entropy.
+1. the engine serves a batch under the staleness model (`engine.RolloutEngine`), each token
+   tagged with the version that sampled it and its log μ;
+2. the trainer recomputes the batch's log-probs on its current weights (π_old = π_θ at the
+   time of use) and measures the drift: ESS/N of π_θ against μ at the sequence level
+   (w_i = Π_t π_θ/μ) and the token level, and the mean per-token k3 KL of μ against π_θ;
+   advantages (R − b)/(group std + ε), b the group mean or VCPO's OPOB;
+3. ``epochs`` × ``minibatches`` optimizer steps (default 1 × 1: one step per rollout batch),
+   each: loss → backward → the method's GAC, if any → gradient clipping → optimizer step
+   (ESS-scaled for VCPO). The sum of the step's raw minibatch gradients is the step gradient;
+4. the cosine between this step's gradient and the previous step's (one number per training
+   step, each gradient from its own rollout batch), and, with several minibatches, the cosine
+   between consecutive minibatch gradients of the same step (reported separately);
+5. the trainer publishes its weights (version t + 1); every ``eval_every`` steps greedy
+   success on held-out prompts, and the entropy.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 import stable_async as sa
-from stable_async.bench.engine import Rollout, RolloutEngine
+from stable_async.bench.engine import OFFLINE, Lag, Rollout, RolloutEngine
 from stable_async.bench.methods import ADV_EPS, GRAD_CLIP, TOPK, Method, get_method
 from stable_async.bench.model import ModelConfig, TinyTransformer, generate
 from stable_async.bench.presets import BenchSettings
 from stable_async.bench.tasks import Task
+from stable_async.bench.warmstart import warm_started_policy
 
 COLLAPSE_MIN_PEAK = 0.1  # a collapse needs a peak worth falling from
 
@@ -37,7 +46,7 @@ COLLAPSE_MIN_PEAK = 0.1  # a collapse needs a peak worth falling from
 @dataclass(frozen=True)
 class RunSpec:
     method: str
-    lag: int
+    lag: Lag  # an integer k, or "offline"
     seed: int
     settings: BenchSettings
 
@@ -52,6 +61,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def sequence_grad_sq_norms(policy: TinyTransformer, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Exact ‖∇_θ log π_θ(τ_i)‖² per sequence (B,), one per-sample gradient each (torch.func).
+
+    The same numbers as `sa.baselines.per_sequence_grad_sq_norms` (one backward per sequence;
+    the tests compare them), computed in one vectorized pass.
+    """
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+
+    def sequence_logprob(p: dict[str, torch.Tensor], seq: torch.Tensor) -> torch.Tensor:
+        logits, _ = functional_call(policy, p, (seq[None, :-1],))
+        return token_logprobs(logits[:, prompt_len - 1 :], seq[None, prompt_len:]).sum()
+
+    grads = vmap(grad(sequence_logprob), in_dims=(None, 0))(params, sequences)
+    return sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
+
+
 def group_normalized(rewards: torch.Tensor, baseline: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """(R − b) / (std of R in the group + eps): GRPO's advantage with any baseline b."""
     groups = int(group_ids.max()) + 1
@@ -59,157 +84,231 @@ def group_normalized(rewards: torch.Tensor, baseline: torch.Tensor, group_ids: t
     return (rewards - baseline) / (std + ADV_EPS)
 
 
-def advantages(method: Method, ro: Rollout, old_logprobs: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
-    if method.baseline == "opob":  # VCPO: b* = Σ W R / Σ W, W = min(ρ, 8)² ‖g‖² (logit-gradient proxy)
-        log_rho = (old_logprobs - ro.rollout_logprobs).sum(-1)
-        sq_norms = sa.baselines.logit_grad_sq_norms(old_logits, ro.responses)
-        b = sa.baselines.min_variance_baseline(
-            ro.rewards, ro.group_ids, log_is_weights=log_rho, grad_sq_norms=sq_norms, ratio_cap=8.0
-        )
-    else:
-        b = sa.baselines.group_mean_baseline(ro.rewards, ro.group_ids)
-    return group_normalized(ro.rewards, b, ro.group_ids)
-
-
 @torch.no_grad()
-def evaluate(policy: TinyTransformer, task: Task, prompts: torch.Tensor) -> tuple[float, float]:
-    """Greedy exact-match success on ``prompts``, and the mean token entropy along the greedy path."""
-    responses, logits = generate(policy, prompts, task.length, greedy=True)
-    success = task.token_correct(prompts, responses).all(dim=1).float().mean()
+def evaluate(policy: TinyTransformer, task: Task, prompts: torch.Tensor, seed: int) -> tuple[float, float, float]:
+    """Exact-match success of temperature-1 samples (pass@1) and of greedy answers on ``prompts``,
+    and the mean token entropy along the sampled answers. ``seed`` fixes the samples."""
+    sampled, logits = generate(policy, prompts, task.length, torch.Generator().manual_seed(seed))
+    greedy, _ = generate(policy, prompts, task.length, greedy=True)
     logp = torch.log_softmax(logits, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1).mean()
-    return float(success), float(entropy)
+    exact = [float(task.token_correct(prompts, r).all(dim=1).float().mean()) for r in (sampled, greedy)]
+    return exact[0], exact[1], float(entropy)
+
+
+def flat_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    dot = sum(float((x * y).sum()) for x, y in zip(a, b))
+    na = math.sqrt(sum(float(x.pow(2).sum()) for x in a))
+    nb = math.sqrt(sum(float(y.pow(2).sum()) for y in b))
+    return dot / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+class StepCosine:
+    """cos(g_t, g_{t−1}) between full step gradients, measured by the library's GAC in monitor mode.
+
+    ``observe(step_grads)`` is called once per training step with the sum of that step's raw
+    minibatch gradients; the monitor sees them as the gradients of shadow tensors.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.shadow = [torch.zeros_like(p) for p in params]
+        self.monitor = sa.GradientAlignmentControl(self.shadow, mode="monitor")
+
+    def observe(self, step_grads: list[torch.Tensor]) -> float:
+        for s, g in zip(self.shadow, step_grads):
+            s.grad = g
+        return self.monitor.apply()["gac/cos"]
 
 
 class Trainer:
     def __init__(self, spec: RunSpec) -> None:
         s, self.spec = spec.settings, spec
-        self.method = get_method(spec.method)
+        self.method: Method = get_method(spec.method)
         self.task = Task(s.task, s.symbols, s.length, s.reward)
-        cfg = ModelConfig(self.task.vocab, self.task.seq_len, s.d_model, s.n_heads, s.n_layers, s.head_scale)
-        torch.manual_seed(spec.seed)  # the initial weights
-        self.policy = TinyTransformer(cfg)
+        cfg = ModelConfig(self.task.vocab, self.task.seq_len, s.d_model, s.n_heads, s.n_layers)
+        self.policy = warm_started_policy(self.task, cfg, s.sft_steps, s.sft_lr, s.sft_noise, s.sft_batch, spec.seed)
         engine = dataclasses.replace(s.engine, lag=spec.lag, topk=TOPK if self.method.topk else 0)
         self.engine = RolloutEngine(cfg, self.task, engine, seed=1_000_003 * spec.seed + 1)
         self.gen = torch.Generator().manual_seed(1_000_003 * spec.seed + 2)  # prompts and minibatch order
         self.eval_prompts = self.task.sample_prompts(s.eval_prompts, torch.Generator().manual_seed(-1 - spec.seed))
         self.loss_fn = self.method.build_loss()
-        self.optimizer = self.method.build_optimizer(self.policy.parameters(), s.lr)
-        self.gac = self.method.build_gac(list(self.policy.parameters()))
+        self.params = list(self.policy.parameters())
+        self.optimizer = self.method.build_optimizer(self.params, s.lr)
+        self.gac = self.method.build_gac(self.params)
+        self.step_cosine = StepCosine(self.params)
+        self.version = 0
         self.nonfinite = 0
+
+    def advantages(self, ro: Rollout, old_logprobs: torch.Tensor) -> torch.Tensor:
+        if self.method.baseline == "opob":
+            # VCPO's reference: W = min(ρ, 8)² ρ² ‖∇ log π(τ)‖² with exact per-trajectory norms, group scope.
+            sq_norms = sequence_grad_sq_norms(self.policy, ro.sequences, self.task.prompt_len)
+            b = sa.baselines.min_variance_baseline(
+                ro.rewards,
+                ro.group_ids,
+                log_is_weights=(old_logprobs - ro.rollout_logprobs).sum(-1),
+                grad_sq_norms=sq_norms,
+                mode="reference_code",
+                ratio_cap=8.0,
+            )
+        else:
+            b = sa.baselines.group_mean_baseline(ro.rewards, ro.group_ids)
+        return group_normalized(ro.rewards, b, ro.group_ids)
+
+    def _batch(self, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor, old: torch.Tensor) -> sa.PolicyBatch:
+        logits = response_logits(self.policy, ro.sequences[idx], self.task.prompt_len)
+        logprobs = token_logprobs(logits, ro.responses[idx])
+        extra: dict[str, Any] = {}
+        if self.method.topk:
+            assert ro.topk_ids is not None and ro.topk_logprobs is not None
+            extra = {
+                "topk_ids": ro.topk_ids[idx],
+                "topk_logprobs": ro.topk_logprobs[idx],
+                "current_topk_logprobs": sa.divergence.gather_topk_logprobs(logits, ro.topk_ids[idx]),
+            }
+        old_for_loss = {"recomputed": old[idx], "rollout": ro.rollout_logprobs[idx], "current": None}[self.method.old]
+        return sa.PolicyBatch(
+            logprobs=logprobs,
+            advantages=adv[idx],
+            mask=torch.ones_like(logprobs, dtype=torch.bool),
+            old_logprobs=old_for_loss,
+            rollout_logprobs=ro.rollout_logprobs[idx],
+            versions=ro.versions[idx],
+            current_version=self.version,
+            **extra,
+        )
 
     def step(self) -> dict[str, float]:
         s, method = self.spec.settings, self.method
         prompts = self.task.sample_prompts(s.prompts_per_step, self.gen)
         ro = self.engine.rollout(prompts, s.group_size)
-        sequences, P = ro.sequences, self.task.prompt_len
         mask = torch.ones_like(ro.responses, dtype=torch.bool)
-
-        with torch.no_grad():  # the trainer's recomputation: π_old = the current weights
-            old_logits = response_logits(self.policy, sequences, P)
-            old_logprobs = token_logprobs(old_logits, ro.responses)
-        ess = sa.effective_sample_size(old_logprobs - ro.rollout_logprobs, mask)
-        adv = advantages(method, ro, old_logprobs, old_logits)
-        old_for_loss = old_logprobs if method.old == "recomputed" else ro.rollout_logprobs
-
-        cosines = []
-        order = torch.randperm(sequences.shape[0], generator=self.gen)
-        for idx in order.chunk(s.minibatches):
-            logits = response_logits(self.policy, sequences[idx], P)
-            logprobs = token_logprobs(logits, ro.responses[idx])
-            topk = {}
-            if method.topk:
-                assert ro.topk_ids is not None
-                topk = {
-                    "topk_ids": ro.topk_ids[idx],
-                    "topk_logprobs": ro.topk_logprobs[idx],
-                    "current_topk_logprobs": sa.divergence.gather_topk_logprobs(logits, ro.topk_ids[idx]),
-                }
-            batch = sa.PolicyBatch(
-                logprobs=logprobs,
-                advantages=adv[idx],
-                mask=mask[idx],
-                old_logprobs=old_for_loss[idx],
-                rollout_logprobs=ro.rollout_logprobs[idx],
-                **topk,
+        with torch.no_grad():  # the trainer's recomputation: π_θ at the time of use
+            old_logprobs = token_logprobs(
+                response_logits(self.policy, ro.sequences, self.task.prompt_len), ro.responses
             )
-            loss = self.loss_fn(batch).loss
-            if not torch.isfinite(loss):
-                self.nonfinite += 1  # skip the update: a non-finite loss counts as a collapse
-                continue
-            self.optimizer.zero_grad()
-            loss.backward()
-            gac_metrics = self.gac.apply()
-            if not math.isnan(gac_metrics["gac/cos"]):
-                cosines.append(gac_metrics["gac/cos"])
-            if self.gac.should_skip:
-                continue
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), GRAD_CLIP)
-            if method.ess_lr:  # ESS of this optimizer minibatch, current weights vs μ
-                self.optimizer.step(sa.effective_sample_size(logprobs.detach() - batch.rollout_logprobs, batch.mask))
-            else:
-                self.optimizer.step()
+        log_w = old_logprobs - ro.rollout_logprobs
+        drift = {
+            "ess_ratio": sa.effective_sample_size(log_w, mask, level="sequence").ess_ratio,
+            "token_ess_ratio": sa.effective_sample_size(log_w, mask, level="token").ess_ratio,
+            "mismatch_kl": float(
+                sa.diagnostics.mismatch_kl(old_logprobs, ro.rollout_logprobs, mask)["rollout_corr/k3_kl"]
+            ),
+            "staleness": float(self.version - ro.versions.float().mean()),
+        }
+        adv = self.advantages(ro, old_logprobs)
+
+        step_grads = [torch.zeros_like(p) for p in self.params]
+        previous_minibatch: list[torch.Tensor] | None = None
+        within = []
+        for _ in range(s.epochs):
+            order = torch.randperm(ro.responses.shape[0], generator=self.gen)
+            for idx in order.chunk(s.minibatches):
+                batch = self._batch(ro, idx, adv, old_logprobs)
+                loss = self.loss_fn(batch).loss
+                if not torch.isfinite(loss):
+                    self.nonfinite += 1  # skip the update: a non-finite loss counts as a collapse
+                    continue
+                self.optimizer.zero_grad()
+                loss.backward()
+                raw = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+                for acc, g in zip(step_grads, raw):
+                    acc.add_(g)
+                if previous_minibatch is not None:
+                    within.append(flat_cosine(raw, previous_minibatch))
+                previous_minibatch = raw
+                if self.gac is not None:
+                    self.gac.apply()
+                    if self.gac.should_skip:
+                        continue
+                torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+                if method.ess_lr:  # ESS/N of this optimizer minibatch, current weights vs μ (sequence level)
+                    ess = sa.effective_sample_size(batch.logprobs.detach() - batch.rollout_logprobs, batch.mask)
+                    self.optimizer.step(ess)
+                else:
+                    self.optimizer.step()
         return {
-            "ess_ratio": ess.ess_ratio,
-            "grad_cos": statistics.fmean(cosines) if cosines else math.nan,
+            **drift,
+            "grad_cos": self.step_cosine.observe(step_grads),
+            "within_batch_cos": statistics.fmean(within) if within else math.nan,
             "reward": float(ro.rewards.mean()),
         }
 
     def run(self) -> dict[str, Any]:
         s = self.spec.settings
         start, cpu_start = time.perf_counter(), time.process_time()
-        traces: dict[str, list[float]] = {"ess_ratio": [], "grad_cos": [], "reward": []}
-        eval_steps, success, entropy = [], [], []
+        traces: dict[str, list[float]] = {}
+        evals = {"eval_steps": [], "success": [], "greedy_success": [], "entropy": []}
+
+        def record(step: int) -> None:
+            values = evaluate(self.policy, self.task, self.eval_prompts, seed=1_000_003 * self.spec.seed + step)
+            for key, value in zip(evals, (step, *values)):
+                evals[key].append(value)
+
+        record(0)
         self.engine.publish(self.policy, version=0)
         for step in range(1, s.steps + 1):
             for key, value in self.step().items():
-                traces[key].append(value)
+                traces.setdefault(key, []).append(value)
+            self.version = step
             self.engine.publish(self.policy, version=step)
             if step % s.eval_every == 0 or step == s.steps:
-                ok, ent = evaluate(self.policy, self.task, self.eval_prompts)
-                eval_steps.append(step)
-                success.append(ok)
-                entropy.append(ent)
+                record(step)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        return summarize(self.spec, eval_steps, success, entropy, traces, self.nonfinite, wall, cpu)
+        return summarize(self.spec, evals, traces, self.nonfinite, wall, cpu)
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def summarize(
     spec: RunSpec,
-    eval_steps: list[int],
-    success: list[float],
-    entropy: list[float],
+    evals: dict[str, list[float]],
     traces: dict[str, list[float]],
     nonfinite: int,
     wall: float,
     cpu: float,
 ) -> dict[str, Any]:
-    """One results.json record (see docs/benchmark.md for every field)."""
-    tail = max(1, math.ceil(0.1 * len(success)))  # "final" = mean of the last 10% of evaluations
-    final, peak = statistics.fmean(success[-tail:]), max(success)
+    """One results.json record (docs/benchmark.md lists every field). Evaluation 0 is the warm start."""
+    success, entropy = evals["success"], evals["entropy"]
+    trained = success[1:]
+    tail = max(1, math.ceil(0.1 * len(trained)))  # "final" = mean of the last 10% of evaluations
+    final, peak = statistics.fmean(trained[-tail:]), max(trained)
     fell = peak >= COLLAPSE_MIN_PEAK and final < 0.5 * peak
     reason = "non-finite loss" if nonfinite else ("fell below half its peak" if fell else "")
-    finite_cos = [c for c in traces["grad_cos"] if not math.isnan(c)]
+    s = spec.settings
     return {
         "method": spec.method,
-        "task": spec.settings.task,
+        "task": s.task,
+        "reward": s.reward,
+        "length": s.length,
         "lag": spec.lag,
+        "staleness": s.engine.staleness if spec.lag != OFFLINE else OFFLINE,
+        "engine_staleness": s.engine.staleness,
         "seed": spec.seed,
+        "lr": get_method(spec.method).learning_rate() if s.lr is None else s.lr,
+        "initial_success": success[0],
         "final_success": final,
-        "auc": statistics.fmean(success),
+        "final_greedy_success": statistics.fmean(evals["greedy_success"][1:][-tail:]),
+        "auc": statistics.fmean(trained),
         "peak_success": peak,
         "collapsed": bool(reason),
         "collapse_reason": reason,
         "final_entropy": statistics.fmean(entropy[-tail:]),
-        "median_ess_ratio": statistics.median(traces["ess_ratio"]),
-        "median_grad_cos": statistics.median(finite_cos) if finite_cos else math.nan,
+        "median_ess_ratio": _median(traces["ess_ratio"]),
+        "median_token_ess_ratio": _median(traces["token_ess_ratio"]),
+        "median_mismatch_kl": _median(traces["mismatch_kl"]),
+        "median_grad_cos": _median(traces["grad_cos"]),
+        "median_within_batch_cos": _median(traces["within_batch_cos"]),
+        "mean_staleness": statistics.fmean(traces["staleness"]),
+        "sim_time_to_90": None,  # filled in by report.annotate (needs the synchronous cells)
         "nonfinite_losses": nonfinite,
         "wall_time_s": wall,
         "cpu_time_s": cpu,
-        "steps": spec.settings.steps,
-        "eval_steps": eval_steps,
-        "success": success,
-        "entropy": entropy,
+        "steps": s.steps,
+        **evals,
         **{f"trace_{k}": v for k, v in traces.items()},
     }
 
