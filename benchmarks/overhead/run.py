@@ -40,6 +40,8 @@ def run_losses(args) -> tuple[list[dict], str]:
     import losses
 
     sizes = [(8, 512)] if args.smallest else (losses.QUICK_SIZES if args.quick else losses.SIZES)
+    if args.sizes:
+        sizes = args.sizes
     repeats = 3 if args.smallest else (8 if args.quick else args.repeats)
     inner = 1 if args.smallest else 3
     rounds = [
@@ -157,6 +159,11 @@ def run_training(args) -> tuple[dict, str]:
     return res, text
 
 
+def _size(text: str) -> tuple[int, int]:
+    b, t = text.lower().replace("×", "x").split("x")
+    return int(b), int(t)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (< 2 min)")
@@ -164,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--cases", nargs="+", default=None, help="loss cases, e.g. verl:vanilla trl:dapo")
+    parser.add_argument(
+        "--sizes", nargs="+", type=_size, default=None, help="loss sizes B×T, e.g. 64x2048 (default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=15, help="loss timing repetitions (full run)")
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat the whole loss measurement; report the median and the worst round"
