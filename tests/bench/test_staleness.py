@@ -159,3 +159,32 @@ def test_exact_sequence_grad_norms_match_the_library():
     logprobs = token_logprobs(logits[:, TASK.prompt_len - 1 :], seqs[:, TASK.prompt_len :])
     expected = sa.baselines.per_sequence_grad_sq_norms(logprobs, policy.parameters())
     torch.testing.assert_close(sequence_grad_sq_norms(policy, seqs, TASK.prompt_len), expected, rtol=1e-4, atol=1e-6)
+
+
+def _nucleus_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Brute force: keep each id whose strictly more probable ids hold < top_p of the mass, renormalize."""
+    p = torch.softmax(logits.double(), dim=-1)
+    ahead = (p.unsqueeze(-1) * (p.unsqueeze(-1) > p.unsqueeze(-2))).sum(-2)  # mass of the more probable ids
+    kept = torch.where(ahead < top_p, p, torch.zeros_like(p))
+    return torch.log(kept / kept.sum(-1, keepdim=True))
+
+
+def test_top_p_engine_samples_and_reports_its_truncated_distribution():
+    top_p = 0.6
+    engine = _engine(lag=0, bf16_weights=False, top_p=top_p)
+    for _, ro in _serve(engine, _policies(3), 3):
+        model = TinyTransformer(CFG)
+        model.load_state_dict(engine.snapshots[int(ro.versions.max())])
+        logits, _ = model(ro.sequences[:, :-1])
+        logits = logits[:, TASK.prompt_len - 1 :]
+        expected = _nucleus_logprobs(logits, top_p).gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+        assert torch.isfinite(expected).all()  # every sampled token lies in the top-p set
+        torch.testing.assert_close(ro.rollout_logprobs.double(), expected, atol=1e-5, rtol=0)
+        full = token_logprobs(logits, ro.responses)
+        assert (ro.rollout_logprobs >= full - 1e-6).all()  # renormalized: μ ≥ the full softmax
+
+
+def test_top_p_setting_is_validated():
+    for bad in (0.0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="top_p"):
+            EngineSettings(top_p=bad)

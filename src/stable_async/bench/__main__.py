@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--logit-noise", type=float, help="engine mismatch: std of the noise on the engine's logits")
     p.add_argument("--buggy-fraction", type=float, help="friction: fraction of sequences from a buggy actor")
+    p.add_argument(
+        "--top-p", type=float, help="engine samples with nucleus top-p (mu from its renormalized top-p set)"
+    )
     p.add_argument("--reward-corruption", type=float, help="friction: fraction of rewards replaced by noise")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
@@ -145,6 +148,7 @@ def _specs(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
             "logit_noise": args.logit_noise,
             "buggy_fraction": args.buggy_fraction,
             "reward_corruption": args.reward_corruption,
+            "top_p": args.top_p,
         }.items()
         if v is not None
     }

@@ -26,6 +26,10 @@ Engine mismatch. Like a vLLM/SGLang engine next to an FSDP trainer, the engine d
 the trainer's exact numerics: it holds a bf16-rounded copy of each snapshot and its logits carry
 a small Gaussian noise (``logit_noise``). It samples from, and reports the log-probs of, *its
 own* distribution μ, so the trainer's recomputation of the same version differs from μ.
+With ``top_p`` set the engine samples from its top-p set, renormalized, and reports μ under that
+truncated distribution (`stable_async.sampling_logprobs`, vLLM's order of operations), as vLLM does;
+the trainer still recomputes the full softmax, so the drift metrics show the bias TRL issue #6789
+describes (every ratio scaled by the kept mass).
 
 Frictions (the Delightful PG paper's; off unless set): a fraction ``buggy_fraction`` of the
 sequences sampled at temperature ``buggy_temperature`` while the engine reports the
@@ -38,12 +42,23 @@ from dataclasses import dataclass
 
 import torch
 
+import stable_async as sa
+
 from stable_async.bench.model import ModelConfig, TinyTransformer, generate
 from stable_async.bench.tasks import Task
 
 STALENESS_MODELS = ("fixed", "bounded", "partial")
 OFFLINE = "offline"
 Lag = int | str  # an integer k ≥ 0, or "offline"
+
+
+def filtered_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) log-probs of every id under the top-p distribution the engine samples from (−inf
+    outside its kept set), by `stable_async.sampling_logprobs` — the same function a trainer uses
+    to recompute comparable log-probs. The vocabulary is tiny, so every id is evaluated."""
+    B, V = logits.shape
+    ids = torch.arange(V, device=logits.device).expand(B, V)
+    return sa.sampling_logprobs(logits.unsqueeze(1).expand(B, V, V), ids, top_p=top_p)
 
 
 @dataclass(frozen=True)
@@ -57,12 +72,17 @@ class EngineSettings:
     buggy_fraction: float = 0.0  # fraction of sequences from a buggy actor
     buggy_temperature: float = 2.0
     reward_corruption: float = 0.0  # fraction of rewards replaced by uniform noise
+    top_p: float | None = None  # nucleus sampling: the engine samples from, and reports μ of, its top-p set
 
     def __post_init__(self) -> None:
         if self.staleness not in STALENESS_MODELS:
             raise ValueError(f"staleness: expected one of {list(STALENESS_MODELS)}, got {self.staleness!r}")
         if self.lag != OFFLINE and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
             raise ValueError(f"lag: expected an integer >= 0 or {OFFLINE!r}, got {self.lag!r}")
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, float | int) or not 0 < self.top_p <= 1
+        ):
+            raise ValueError(f"top_p: expected a number in (0, 1] or None, got {self.top_p!r}")
 
 
 @dataclass
@@ -135,10 +155,15 @@ class RolloutEngine:
         self.model.load_state_dict(self.snapshots[version])
         noise = self.settings.logit_noise
 
+        top_p = self.settings.top_p
+
         def engine_logits(logits: torch.Tensor) -> torch.Tensor:
             if noise > 0:
                 logits = logits + noise * torch.randn(logits.shape, generator=self.gen)
-            return logits / temperature
+            logits = logits / temperature
+            if top_p is not None:  # the engine's truncated, renormalized distribution (vLLM's order)
+                logits = filtered_logprobs(logits, top_p)
+            return logits
 
         tokens, used = generate(self.model, prefix, n_new, self.gen, logits_hook=engine_logits)
         return tokens, used * temperature.unsqueeze(-1)  # what the engine reports: temperature 1

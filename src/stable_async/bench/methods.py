@@ -156,6 +156,28 @@ _ROWS = [
         summary="uncorrected PPO + GAC projection, τ = 0.5, λ = 1 (library defaults)",
     ),
 ]
+# The 2026 methods: in the method table (`--methods vespo,...`), not yet in the full preset's grid.
+_ROWS_2026 = [
+    # TRL 1.16 grpo_trainer.py, loss_type="vespo" (arXiv 2602.10693), grpo_config.py defaults
+    # (k_pos 2, λ_pos 3, k_neg 3, λ_neg 2); the sequence ratio against μ, as for an async run.
+    Method("vespo", "vespo", old="rollout", summary="VESPO (TRL defaults): Gamma-shaped weight of the ratio vs μ"),
+    # TRL 1.16 loss_type="luspo" (arXiv 2602.05261): length-unbiased GSPO, ε = 0.2, against μ.
+    Method("luspo", "luspo", old="rollout", summary="LUSPO (TRL defaults): length-unbiased GSPO vs μ, ε = 0.2"),
+    # veRL 0.9.1 core_algos.py compute_policy_loss_clip_cov, policy_loss defaults (ratio 2e-4, bounds 1 / 5).
+    Method("clip_cov", "clip_cov", summary="Clip-Cov (veRL defaults): no gradient on high-covariance tokens"),
+    # veRL 0.9.1 core_algos.py compute_policy_loss_kl_cov (kl_cov_ratio 2e-4, ppo_kl_coef 0.1).
+    Method("kl_cov", "kl_cov", summary="KL-Cov (veRL defaults): KL penalty on high-covariance tokens"),
+    # prime-rl src/prime_rl/trainer/rl/loss.py default_loss_fn (docs/losses/prime_rl page: commit read).
+    Method("prime_rl", "prime_rl", summary="prime-rl default: DPPO binary-TV mask + squared log-ratio KL to μ"),
+    # DeepSeek-V3.2 OPSM (arXiv 2512.02556) as TRL's off_policy_mask_threshold, δ = 0.5 (TRL's docs),
+    # composed with the token TIS row above.
+    Method(
+        "ppo_tis_opsm",
+        "ppo",
+        {"correction": (sa.token_tis(high=2.0), sa.opsm(threshold=0.5))},
+        summary="PPO + token TIS + OPSM δ = 0.5 (negative-advantage sequences with KL to μ > δ masked)",
+    ),
+]
 if _dppo_recompute_available():
     # DPPO's *_recompute modes (arXiv 2602.04879 §4; sail-sg/Stable-RL): trust region around the
     # recomputed π_old, weight min(π_θ/μ, 10) against the behavior policy.
@@ -168,7 +190,8 @@ if _dppo_recompute_available():
         )
     )
 
-METHODS: dict[str, Method] = {m.name: m for m in _ROWS}
+METHODS: dict[str, Method] = {m.name: m for m in _ROWS + _ROWS_2026}
+METHODS_2026: tuple[str, ...] = tuple(m.name for m in _ROWS_2026)
 
 TUNED_SUFFIX = "@tuned"
 
