@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 
 import stable_async as sa
-
 from stable_async.bench.model import ModelConfig, TinyTransformer, generate
 from stable_async.bench.tasks import Task
 
