@@ -76,9 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--logit-noise", type=float, help="engine mismatch: std of the noise on the engine's logits")
     p.add_argument("--buggy-fraction", type=float, help="friction: fraction of sequences from a buggy actor")
-    p.add_argument(
-        "--top-p", type=float, help="engine samples with nucleus top-p (mu from its renormalized top-p set)"
-    )
+    p.add_argument("--top-p", type=float, help="engine samples with nucleus top-p (mu from its renormalized top-p set)")
     p.add_argument("--reward-corruption", type=float, help="friction: fraction of rewards replaced by noise")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
