@@ -11,9 +11,13 @@ import stable_async as sa
 LOSS_B, LOSS_T, LOSS_D, LOSS_K = 7, 6, 3, 3
 LOSS_SHARDS = [slice(0, 3), slice(3, 7)]
 CORRECTIONS = (None, "tis", "seq_mask", "icepop_excluded", "seq_mask_excluded")
+# Clip-Cov / KL-Cov pick their tokens per call (per rank and micro-batch), as veRL does and as
+# docs/losses/cov.md states: their loss depends on the sharding by design, so they are not here.
+PER_CALL_SELECTION = ("clip_cov", "kl_cov")
 LOSS_CASES = [
     (name, aggregation, correction)
     for name in sa.available_losses()
+    if name not in PER_CALL_SELECTION
     for aggregation in sa.AGGREGATION_MODES
     for correction in CORRECTIONS
 ]

@@ -15,6 +15,7 @@ and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -291,9 +292,14 @@ def scenario_losses(model_path: str) -> dict[str, Any]:
     losses: dict[str, Any] = {}
     reference_model = None
     for i, name in enumerate(sa.available_losses()):
-        topk = sa.get_loss(name).needs_topk  # the registry says which losses read the rollout top-K
+        loss = sa.get_loss(name)
+        topk = loss.needs_topk  # the registry says which losses read the rollout top-K
+        # A loss that reads μ with neither an anchor setting nor π_old to fall back on (prime_rl) needs
+        # veRL's rollout_log_probs, which only our ppo_loss (set_loss_fn) carries to it.
+        fields = {f.name for f in dataclasses.fields(loss.config)}
+        needs_mu = "rollout_logprobs" in loss.requires and not {"old_logprobs", "anchor"} & (loss.requires | fields)
         changes = {"policy_loss.loss_mode": f"{adapter.PREFIX}{name}"}
-        loss_fn = adapter.ppo_loss if topk else verl_ppo_loss
+        loss_fn = adapter.ppo_loss if topk or needs_mu else verl_ppo_loss
         worker.set_loss_fn(partial(loss_fn, config=actor_config(config, **changes)))
         if topk and reference_model is None:
             from transformers import AutoModelForCausalLM

@@ -24,8 +24,8 @@ def _case(seed, per_token_adv=False):
     lp = (-0.2 - 2.0 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
     # Old and engine log-probs above the trainer's by a per-sequence amount: a spread of KLs.
     shift = torch.linspace(-0.3, 1.2, B, dtype=torch.float64)[:, None]
-    old = lp.detach() + shift + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
-    mu = old + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    old = (lp.detach() + shift + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
+    mu = (old + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     shape = (B, T) if per_token_adv else (B,)
     adv = torch.randn(shape, generator=gen, dtype=torch.float64)
     adv[1] = 0.0  # A = 0 is kept by TRL

@@ -26,8 +26,8 @@ def _case(seed, per_token_adv=False, spread=0.15):
     mask = torch.rand(B, T, generator=gen) > 0.2
     mask[:, 0] = True
     lp = (-0.3 - 2.0 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
-    old = lp.detach() + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)
-    mu = torch.where(mask, old + 0.4 * torch.randn(B, T, generator=gen, dtype=torch.float64), 0.0)
+    old = (lp.detach() + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=0.0)
+    mu = torch.where(mask, old + 0.4 * torch.randn(B, T, generator=gen, dtype=torch.float64), 0.0).clamp(max=0.0)
     adv = torch.randn((B, T) if per_token_adv else (B,), generator=gen, dtype=torch.float64)
     return lp, old, mu, adv, mask
 

@@ -55,8 +55,8 @@ def test_clip_cov_never_draws_a_clipped_token_or_one_outside_the_band():
 
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
 def test_edge_cases(name):
-    lp = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]], dtype=torch.bfloat16, requires_grad=True)
-    old = torch.tensor([[1e4, -1e4], [-3.0, -1.0]], dtype=torch.bfloat16)
+    lp = torch.tensor([[-1e4, -2.0], [-3.0, -1.0]], dtype=torch.bfloat16, requires_grad=True)  # log-ratios ∓1e4
+    old = torch.tensor([[0.0, -1e4], [-3.0, -1.0]], dtype=torch.bfloat16)
     batch = sa.PolicyBatch(logprobs=lp, old_logprobs=old, advantages=torch.tensor([-1.0, 1.0]), mask=torch.ones(2, 2))
     out = sa.get_loss(name, **{f"{name}_ratio": 0.5})(batch)
     out.loss.backward()

@@ -55,7 +55,7 @@ def test_masked_sequences_get_zero_gradient_and_count_in_the_denominator():
 def test_chain_multiplies_weights_and_merges_metrics():
     gen = torch.Generator().manual_seed(0)
     lp = -torch.rand(6, 5, generator=gen, dtype=torch.float64)
-    mu = lp + 0.8 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    mu = (lp + 0.8 * torch.randn(6, 5, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     adv, mask = torch.randn(6, generator=gen), torch.ones(6, 5, dtype=torch.bool)
     batch = sa.PolicyBatch(logprobs=lp.requires_grad_(), advantages=adv, mask=mask, rollout_logprobs=mu)
     tis, seq_mask = sa.token_tis(1.5), sa.opsm(0.2)
@@ -90,8 +90,8 @@ def test_chain_and_opsm_validation():
 
 
 def test_extreme_log_ratios_bf16_and_empty_batches():
-    lp = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]], dtype=torch.bfloat16, requires_grad=True)
-    mu = torch.tensor([[1e4, -1e4], [-3.0, -1.0]], dtype=torch.bfloat16)
+    lp = torch.tensor([[-1e4, -2.0], [-3.0, -1.0]], dtype=torch.bfloat16, requires_grad=True)  # log-ratios ∓1e4
+    mu = torch.tensor([[0.0, -1e4], [-3.0, -1.0]], dtype=torch.bfloat16)
     batch = sa.PolicyBatch(
         logprobs=lp, advantages=torch.tensor([-1.0, 1.0]), mask=torch.ones(2, 2), rollout_logprobs=mu
     )

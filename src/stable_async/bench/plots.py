@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stable_async.bench.report import _by_setting, _times, lag_order, slug_of, summarize_cells
+from stable_async.bench.report import by_setting, simulated_times, lag_order, slug_of, summarize_cells
 
 
 def _pyplot() -> Any:
@@ -77,7 +77,7 @@ def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
             runs = [r for r in records if r["lag"] == lag and r["method"] == method]
             if not runs:
                 continue
-            times = (0.0, *_times(runs[0]["steps"], int(lag)))
+            times = (0.0, *simulated_times(runs[0]["steps"], int(lag)))
             xs = np.array([times[step] for step in runs[0]["eval_steps"]]) / 1e3
             ys = np.array([r["success"] for r in runs])
             ax.plot(xs, ys.mean(0), color=color, label=f"lag {lag}", lw=1.4)
@@ -94,7 +94,7 @@ def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
 def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     written = []
-    for setting, everything in _by_setting(records).items():
+    for setting, everything in by_setting(records).items():
         task = slug_of(setting)
         runs = [r for r in everything if "@" not in r["method"] and r["staleness"] in ("bounded", "offline")]
         timed = [r for r in runs if r["lag"] != "offline"]

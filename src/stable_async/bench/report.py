@@ -60,7 +60,7 @@ def _median(xs: Iterable[float]) -> float:
 
 # ---------------------------------------------------------------------------------- simulated time
 @functools.lru_cache(maxsize=64)
-def _times(steps: int, lag: int) -> tuple[float, ...]:
+def simulated_times(steps: int, lag: int) -> tuple[float, ...]:
     return tuple(step_end_times(CostModel(), steps, lag))
 
 
@@ -77,7 +77,7 @@ def annotate(records: list[dict[str, Any]]) -> None:
             r["sim_time_to_90"] = None
             if target is None or r["lag"] == OFFLINE:
                 continue
-            times = _times(r["steps"], int(r["lag"]))
+            times = simulated_times(r["steps"], int(r["lag"]))
             for step, ok in zip(r["eval_steps"], r["success"]):
                 if ok >= target:
                     r["sim_time_to_90"] = 0.0 if step == 0 else times[step - 1]
@@ -383,7 +383,7 @@ def guide_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return _table(header, rows, markdown)
 
 
-def _by_setting(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_setting(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         out.setdefault(setting_of(r), []).append(r)
@@ -392,7 +392,7 @@ def _by_setting(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, A
 
 def terminal_report(records: Sequence[dict[str, Any]]) -> str:
     parts = []
-    for setting, runs in _by_setting(records).items():
+    for setting, runs in by_setting(records).items():
         cells = summarize_cells(runs)
         base = [c for c in cells if _is_base(c)]
         parts.append(f"setting: {setting}   (final success; (kept) = vs same method at lag 0; * collapse; † ≤ offline)")
@@ -411,7 +411,7 @@ def markdown_report(records: Sequence[dict[str, Any]], info: dict[str, Any], ima
         "Protocol, definitions and the guide: [benchmark.md](benchmark.md)."
     )
     out.append("")
-    for setting, runs in _by_setting(records).items():
+    for setting, runs in by_setting(records).items():
         cells = summarize_cells(runs)
         base = [c for c in cells if _is_base(c)]
         seeds = sorted({r["seed"] for r in runs})
@@ -495,7 +495,7 @@ def write_outputs(records: Sequence[dict[str, Any]], info: dict[str, Any], out_d
         writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-    cells = [c for runs in _by_setting(records).values() for c in summarize_cells(runs)]
+    cells = [c for runs in by_setting(records).values() for c in summarize_cells(runs)]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(cells[0]) if cells else [])
         writer.writeheader()
