@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stable_async.bench.report import by_setting, simulated_times, lag_order, slug_of, summarize_cells
+from stable_async.bench.report import by_setting, lag_order, simulated_times, slug_of, summarize_cells
 
 
 def _pyplot() -> Any:
