@@ -33,6 +33,18 @@ from verl.workers.utils import losses as verl_losses  # noqa: E402
 from stable_async.integrations import verl as adapter  # noqa: E402
 from stable_async.integrations import verl_plugin  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _adapter_logger_reaches_caplog(caplog):
+    """Another trainer imported in the same session (AReaL) swaps ``logging.getLogger``, so the
+    adapter's logger may no longer descend from the root logger caplog listens on: hand it
+    caplog's handler directly for the tests that read its records."""
+    log = logging.getLogger("stable_async.integrations.verl")
+    log.addHandler(caplog.handler)
+    yield
+    log.removeHandler(caplog.handler)
+
+
 EXACT = {"rtol": 1e-10, "atol": 1e-13}
 
 
