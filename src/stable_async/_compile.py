@@ -1,12 +1,19 @@
 """Optional ``torch.compile`` for the elementwise cores of the losses, with a clean eager fallback.
 
-`compiled_or_eager(fn)` returns a callable that runs ``torch.compile(fn, dynamic=True)`` (one
-compilation serves every (B, T): micro-batch shapes change from step to step) and falls back to
+`compiled_or_eager(fn)` returns a callable that runs ``torch.compile(fn, dynamic=False)`` (one
+compilation per (B, T); past dynamo's recompile limit a new shape runs eagerly) and falls back to
 ``fn`` itself, for good and with one warning, if compiling or running the compiled code fails:
 no C++ compiler for inductor, a Python version dynamo does not support, a backend error. The
 cores it wraps take validated tensors and have no error paths of their own, so any exception
 from the compiled call is a compilation problem; the eager call that follows re-raises
 anything genuine.
+
+Why not ``dynamic=True`` (one compilation for every shape): with torch 2.13's inductor on CPU,
+the dynamic-shape graph of the PPO surrogate returned wrong values and masks when its input
+required grad (64×2048 tokens: loss off by up to 1.19, clip mask 65,856 tokens against 38,551),
+while the static-shape graph matches eager to 1e-6. The overhead benchmark's correctness check
+(`benchmarks/overhead/run.py --compile`, OpenRLHF case) reproduces it; a unit test at that size
+(`tests/unit/test_surrogate.py`) did not reproduce it in isolation and checks the equality only.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class CompiledOrEager:
         if self.failed is None:
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, dynamic=True)
+                    self._compiled = torch.compile(self.fn, dynamic=False)
                 return self._compiled(*args)
             except Exception as err:  # any backend failure means: run eagerly
                 self.failed = err

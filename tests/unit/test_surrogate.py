@@ -202,3 +202,25 @@ def test_finish_ignores_non_finite_loss_at_masked_positions(bad, mode):
     torch.testing.assert_close(out.loss, aggregate(lp * 2.0, mask, mode))
     (grad,) = torch.autograd.grad(out.loss, lp)
     assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+@pytest.mark.slow
+def test_compiled_ppo_equals_eager_at_a_trainer_size_with_grad():
+    """64×2048 tokens, a grad-carrying input, ragged masks, a first call at another shape (see _compile.py)."""
+    B, T = 64, 2048
+    g = torch.Generator().manual_seed(0)
+    lp = (-4.0 + 3.99 * torch.rand(B, T, generator=g)).requires_grad_()
+    old = (lp.detach() + 0.3 * torch.randn(B, T, generator=g)).clamp(max=-1e-3)
+    adv = torch.randn(B, generator=g).unsqueeze(-1).expand(B, T).contiguous()
+    mask = torch.arange(T).unsqueeze(0) < torch.randint(T // 2, T + 1, (B, 1), generator=g)
+    batch = sa.PolicyBatch(logprobs=lp, advantages=adv, mask=mask, old_logprobs=old)
+    for b, t in ((8, 512), (B, T)):  # a first call at another shape, as in training
+        part = {"logprobs": lp[:b, :t], "advantages": adv[:b, :t], "mask": mask[:b, :t], "old_logprobs": old[:b, :t]}
+        sa.get_loss("ppo", eps_high=0.28, compile=True)(sa.PolicyBatch(**part))
+    eager = sa.get_loss("ppo", eps_high=0.28)(batch)
+    compiled = sa.get_loss("ppo", eps_high=0.28, compile=True)(batch)
+    (g_eager,) = torch.autograd.grad(eager.loss, lp)
+    (g_compiled,) = torch.autograd.grad(compiled.loss, lp)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-10)
+    assert compiled.metrics["actor/pg_clipfrac"] == pytest.approx(eager.metrics["actor/pg_clipfrac"], abs=1e-6)
