@@ -105,7 +105,7 @@ def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
 def _governor_plot(plt: Any, cells: Sequence[dict[str, Any]]) -> Any:
     """Rows: time to 90%, total time; columns: one per governed cell. Fixed bounds as circles, the governor a star."""
     governed = [c for c in cells if is_governed(c["method"])]
-    fig, axes = plt.subplots(2, len(governed), figsize=(5 * len(governed), 7), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(governed), figsize=(max(8, 5 * len(governed)), 7), squeeze=False, sharey=True)
     for col, g in enumerate(governed):
         fixed = fixed_bounds_of(cells, g)
         for row, (key, label) in enumerate((("sim_time_to_90", "time to 90%"), ("sim_total_time", "total time"))):
