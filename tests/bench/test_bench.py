@@ -46,8 +46,11 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     assert bench_main(["--preset", "tiny", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
     records = json.loads((out / "results.json").read_text())
-    assert len(records) == 6  # 2 methods × 3 lags (0, 2, offline) × 1 seed
+    assert len(records) == 7  # 2 methods × 3 lags (0, 2, offline) × 1 seed, and governor_ppo_tis at 2
     assert {r["lag"] for r in records} == {0, 2, "offline"}
+    governed = [r for r in records if r["method"] == "governor_ppo_tis"]
+    assert len(governed) == 1 and len(governed[0]["trace_bound"]) == TINY.steps
+    assert all(0 <= k <= 2 for k in governed[0]["trace_bound"]) and governed[0]["sim_total_time"] > 0
     for r in records:
         assert all(k in r for k in REQUIRED), [k for k in REQUIRED if k not in r]
         assert 0.0 <= r["final_success"] <= 1.0 and isinstance(r["collapsed"], bool)
@@ -59,14 +62,17 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
         "run_info.json",
         "success_vs_step_reversal.png",
         "success_vs_time_reversal.png",
+        "governor_vs_time_reversal.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    assert "kept" in capsys.readouterr().out  # the terminal table
+    terminal = capsys.readouterr().out
+    assert "kept" in terminal and "Governor: `governor_ppo_tis`" in terminal  # the tables and the governor check
 
     md = tmp_path / "docs" / "results.md"
     assert bench_main(["--from", str(out), "--report-md", str(md)]) == 0
     text = md.read_text()
     assert "`ppo_tis`" in text and "../out/success_vs_step_reversal.png" in text and "offline" in text
+    assert "Staleness governor" in text and "../out/governor_vs_time_reversal.png" in text
 
 
 def test_same_seed_same_results():

@@ -13,10 +13,13 @@ Synchronous (lag 0): generate the batch with the current weights (list schedulin
 sequences on the slots, the batch ends with its last sequence), then train; the two never overlap.
 
 Asynchronous with staleness bound k (AReaL's rollout controller): slots generate continuously;
-a new sequence may start only while fewer than (v + k + 1)·``batch`` sequences have been started,
+a new sequence may start only while fewer than (v + k_v + 1)·``batch`` sequences have been started,
 v being the trainer's version (steps done), so no sequence is more than k versions older than
-the weights it trains. Batch t is the t-th group of ``batch`` sequences *to finish*; the trainer
-starts step t once batch t is complete and step t − 1 is done. Generation overlaps training,
+the weights it trains. k_v is one bound for every version, or a per-version sequence (a
+`stable_async.StalenessGovernor`'s bounds, k_v the bound in force while the trainer holds
+version v); when the bound falls, no sequence starts until the trainer has caught up. Batch t
+is the t-th group of ``batch`` sequences *to finish*; the trainer starts step t once batch t is
+complete and step t − 1 is done. Generation overlaps training,
 and a long sequence holds up one slot instead of the whole batch.
 
 `step_end_times` returns the simulated time at which each training step ends; k = 0 in the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +73,31 @@ def synchronous_times(model: CostModel, steps: int, lengths: list[int] | None = 
     return ends
 
 
-def asynchronous_times(model: CostModel, steps: int, k: int, lengths: list[int] | None = None) -> list[float]:
+def _bounds(k: int | Sequence[int], steps: int) -> list[int]:
+    """k_v for v = 0 .. steps − 1: one int for every version, or one per version (validated)."""
+    if isinstance(k, bool):
+        raise ValueError(f"k: expected an int or a sequence of ints, got {k!r}")
+    ks = [k] * steps if isinstance(k, int) else list(k)
+    if len(ks) < steps:
+        raise ValueError(f"k: expected an int or one bound per version ({steps}), got {len(ks)} bounds")
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ks):
+        raise ValueError(f"k: expected integers >= 0, got {ks!r}")
+    return ks[:steps]
+
+
+def asynchronous_times(
+    model: CostModel, steps: int, k: int | Sequence[int], lengths: list[int] | None = None
+) -> list[float]:
     """End time of each step with generation overlapping training, staleness bound k (module docstring).
 
-    A discrete-event simulation with two kinds of events, a sequence finishing and a training
-    step ending (at equal times the step ends first, so the new version admits sequences at once).
+    ``k``: one bound, or the bound k_v of each version v = 0 .. steps − 1 (a longer sequence is
+    cut). A discrete-event simulation with two kinds of events, a sequence finishing and a
+    training step ending (at equal times the step ends first, so the new version admits
+    sequences at once).
     """
     B = model.batch
-    lengths = model.lengths((steps + k + 1) * B) if lengths is None else lengths
+    ks = _bounds(k, steps)
+    lengths = model.lengths((steps + max(ks, default=0) + 1) * B) if lengths is None else lengths
     running: list[float] = []  # finish times of the sequences being generated
     started, finished, idle = 0, 0, model.slots
     version, train_end, ends = 0, math.inf, []
@@ -84,7 +105,7 @@ def asynchronous_times(model: CostModel, steps: int, k: int, lengths: list[int] 
     while len(ends) < steps:
         if train_end == math.inf and finished >= (version + 1) * B:
             train_end = now + model.train_time  # batch `version` is complete: train on it
-        while idle > 0 and started < min((version + k + 1) * B, len(lengths)):
+        while idle > 0 and started < min((version + ks[version] + 1) * B, len(lengths)):
             heapq.heappush(running, now + lengths[started] * model.token_time)
             started, idle = started + 1, idle - 1
         next_finish = running[0] if running else math.inf
@@ -100,6 +121,9 @@ def asynchronous_times(model: CostModel, steps: int, k: int, lengths: list[int] 
     return ends
 
 
-def step_end_times(model: CostModel, steps: int, lag: int) -> list[float]:
-    """Simulated end time of steps 1..steps: the synchronous pipeline at lag 0, else asynchronous with k = lag."""
+def step_end_times(model: CostModel, steps: int, lag: int | Sequence[int]) -> list[float]:
+    """Simulated end time of steps 1..steps: the synchronous pipeline at lag 0, else asynchronous with k = lag.
+
+    A per-version sequence of bounds (a governed run) is always the asynchronous pipeline.
+    """
     return synchronous_times(model, steps) if lag == 0 else asynchronous_times(model, steps, lag)

@@ -19,6 +19,10 @@ of three staleness models (``staleness``):
 
 ``lag="offline"`` is the control: every batch from version 0, never refreshed.
 
+Governed runs (`stable_async.StalenessGovernor`): ``lag`` is the largest bound, the snapshots
+kept, and each batch is served under that step's bound k_t ≤ ``lag`` (``rollout(..., bound=k_t)``):
+the same three models with k = k_t, so a batch's versions lie in [max(0, t − k_t), t].
+
 Every sampled token's version is recorded (``Rollout.versions``, (B, H)); the trainer passes
 them to the losses as ``PolicyBatch.versions``.
 
@@ -133,15 +137,28 @@ class RolloutEngine:
     def _draw(self, low: int, high: int, n: int) -> torch.Tensor:
         return torch.randint(low, high + 1, (n,), generator=self.gen)
 
-    def schedule(self, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per group: the start version a, the resume version b and the switch token s (b = a: no switch)."""
+    def _bound(self, bound: int | None) -> int:
+        """This batch's staleness bound: ``lag``, or a governed bound in [0, lag] (offline: unused, 0)."""
+        if bound is None:
+            return 0 if self.offline else int(self.settings.lag)
+        lag = self.settings.lag
+        if self.offline or isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= int(lag):
+            raise ValueError(f"bound: expected an int in [0, lag = {self.settings.lag}], got {bound!r}")
+        return bound
+
+    def schedule(self, groups: int, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per group: the start version a, the resume version b and the switch token s (b = a: no switch).
+
+        ``bound``: this batch's staleness bound k_t ≤ ``lag`` (a governed run); None: ``lag``.
+        """
         s, t, H = self.settings, self.current, self.task.length
+        k = self._bound(bound)
         n = min(s.actors, groups)
         actor = torch.arange(groups) * n // groups  # contiguous shares of the groups
         if self.offline:
             a = torch.zeros(n, dtype=torch.long)
         else:
-            oldest = max(0, t - int(s.lag))
+            oldest = max(0, t - k)
             a = torch.full((n,), oldest) if s.staleness == "fixed" else self._draw(oldest, t, n)
         b, switch = a.clone(), torch.full((n,), H)
         if s.staleness == "partial" and not self.offline and H > 1:
@@ -167,11 +184,11 @@ class RolloutEngine:
         tokens, used = generate(self.model, prefix, n_new, self.gen, logits_hook=engine_logits)
         return tokens, used * temperature.unsqueeze(-1)  # what the engine reports: temperature 1
 
-    def rollout(self, prompts: torch.Tensor, group_size: int) -> Rollout:
-        """Sample ``group_size`` responses for each prompt under the staleness model."""
+    def rollout(self, prompts: torch.Tensor, group_size: int, bound: int | None = None) -> Rollout:
+        """Sample ``group_size`` responses for each prompt under the staleness model (bound: `schedule`)."""
         s, H = self.settings, self.task.length
         n_groups = prompts.shape[0]
-        a, b, switch = self.schedule(n_groups)
+        a, b, switch = self.schedule(n_groups, bound)
         prompts = prompts.repeat_interleave(group_size, dim=0)
         B = prompts.shape[0]
         group_ids = torch.arange(B) // group_size

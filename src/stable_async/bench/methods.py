@@ -16,6 +16,11 @@ rollout batch unless the preset says otherwise (BenchSettings.minibatches / epoc
 * ``"current"``: π_old := sg(π_θ), the log-probs of the forward pass being differentiated
   (VCPO's reference: the ratio is 1 by construction and the sequence IS weight does the work).
 
+``governor``: the row's staleness bound is not fixed: a `stable_async.StalenessGovernor` with
+these settings (``max_bound`` = the run's lag) sets each step's bound from the drift the trainer
+measured on the previous step's batch; ``base`` names the fixed-bound row with the same loss it
+is compared with (``governor_<base>`` rows).
+
 Learning rates. ``LEARNING_RATE`` is shared by every method (the lr of the headline tables);
 ``TUNED_LR`` holds each method's best lr from the sweep in ``benchmarks/staleness/sweep.md``
 (seed 100, never reported), used by the ``*@tuned`` rows.
@@ -70,6 +75,8 @@ class Method:
     gac: Mapping[str, Any] | None = None  # sa.GradientAlignmentControl settings acting on each optimizer step
     topk: bool = False  # the loss needs the engine's top-K log-probs
     lr: float | None = None  # None: LEARNING_RATE
+    governor: Mapping[str, Any] | None = None  # sa.StalenessGovernor settings (max_bound = the lag); None: fixed bound
+    base: str | None = None  # a governed row: the fixed-bound row it governs (same loss, same lr)
     summary: str = ""
 
     def build_loss(self) -> sa.Loss:
@@ -84,6 +91,9 @@ class Method:
 
     def build_gac(self, params: Any) -> sa.GradientAlignmentControl | None:
         return None if self.gac is None else sa.GradientAlignmentControl(params, **self.gac)
+
+    def build_governor(self, max_bound: int) -> sa.StalenessGovernor | None:
+        return None if self.governor is None else sa.StalenessGovernor(max_bound=max_bound, **self.governor)
 
 
 def _dppo_recompute_available() -> bool:
@@ -190,8 +200,28 @@ if _dppo_recompute_available():
         )
     )
 
-METHODS: dict[str, Method] = {m.name: m for m in _ROWS + _ROWS_2026}
+# The staleness governor (docs/governor.md) on the corrections that keep the most at large bounds:
+# the library's defaults; the lr and every loss setting are the governed row's.
+GOVERNOR_SETTINGS: Mapping[str, Any] = {}
+GOVERNED = ("ppo_tis", "vcpo")
+
+
+def _governed(row: Method) -> Method:
+    return dataclasses.replace(
+        row,
+        name=f"governor_{row.name}",
+        governor=GOVERNOR_SETTINGS,
+        base=row.name,
+        summary=f"{row.name} under sa.StalenessGovernor (AIMD on ESS/N, KL and step-cosine alarms; k ≤ the lag)",
+    )
+
+
+_BY_NAME = {m.name: m for m in _ROWS + _ROWS_2026}
+_ROWS_GOVERNOR = [_governed(_BY_NAME[name]) for name in GOVERNED]
+
+METHODS: dict[str, Method] = {m.name: m for m in _ROWS + _ROWS_2026 + _ROWS_GOVERNOR}
 METHODS_2026: tuple[str, ...] = tuple(m.name for m in _ROWS_2026)
+METHODS_GOVERNOR: tuple[str, ...] = tuple(m.name for m in _ROWS_GOVERNOR)
 
 TUNED_SUFFIX = "@tuned"
 
@@ -202,7 +232,7 @@ def get_method(name: str) -> Method:
     method = METHODS.get(base)
     lr: float | None = None
     if method is not None and suffix == TUNED_SUFFIX[1:]:
-        lr = TUNED_LR.get(base, LEARNING_RATE)
+        lr = TUNED_LR.get(method.base or base, LEARNING_RATE)  # a governed row: its base row's lr
     elif method is not None and suffix.startswith("lr="):
         try:
             lr = float(suffix[3:])

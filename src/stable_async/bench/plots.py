@@ -5,7 +5,10 @@ one line per method, mean over seeds with the min–max band), ``success_vs_lag_
 (final success and AUC against the lag), ``success_vs_time_<task>.png`` (success against the
 simulated wall-clock of `costmodel`, one panel per method, one line per lag),
 ``ess_trace_<task>.png`` and ``grad_cos_trace_<task>.png`` (per-step sequence ESS/N and the
-cosine of consecutive step gradients, smoothed, one panel per lag).
+cosine of consecutive step gradients, smoothed, one panel per lag), and with governed rows
+``governor_vs_time_<task>.png`` (final success against the simulated time to 90% of synchronous
+PPO's final success and against the simulated total time: each governed row and every fixed
+bound of the row it governs, mean over seeds with the min–max of final success).
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from stable_async.bench.report import by_setting, lag_order, simulated_times, slug_of, summarize_cells
+from stable_async.bench.report import (
+    by_setting,
+    fixed_bounds_of,
+    is_governed,
+    lag_order,
+    run_times,
+    slug_of,
+    summarize_cells,
+)
 
 
 def _pyplot() -> Any:
@@ -77,7 +88,7 @@ def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
             runs = [r for r in records if r["lag"] == lag and r["method"] == method]
             if not runs:
                 continue
-            times = (0.0, *simulated_times(runs[0]["steps"], int(lag)))
+            times = (0.0, *run_times(runs[0]))
             xs = np.array([times[step] for step in runs[0]["eval_steps"]]) / 1e3
             ys = np.array([r["success"] for r in runs])
             ax.plot(xs, ys.mean(0), color=color, label=f"lag {lag}", lw=1.4)
@@ -88,6 +99,44 @@ def _time_plot(plt: Any, records: Sequence[dict[str, Any]]) -> Any:
         ax.set_xlabel("simulated time (k units)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    return fig
+
+
+def _governor_plot(plt: Any, cells: Sequence[dict[str, Any]]) -> Any:
+    """Rows: time to 90%, total time; columns: one per governed cell. Fixed bounds as circles, the governor a star."""
+    governed = [c for c in cells if is_governed(c["method"])]
+    fig, axes = plt.subplots(2, len(governed), figsize=(max(8, 5 * len(governed)), 7), squeeze=False, sharey=True)
+    for col, g in enumerate(governed):
+        fixed = fixed_bounds_of(cells, g)
+        for row, (key, label) in enumerate((("sim_time_to_90", "time to 90%"), ("sim_total_time", "total time"))):
+            ax = axes[row][col]
+            for c in [*fixed, g]:
+                if c.get(key) is None:
+                    continue
+                x = c[key] / 1e3
+                err = [[c["final"] - c["final_min"]], [c["final_max"] - c["final"]]]
+                star = c is g
+                ax.errorbar(
+                    x,
+                    c["final"],
+                    yerr=err,
+                    fmt="*" if star else "o",
+                    ms=12 if star else 6,
+                    color="tab:red" if star else "tab:blue",
+                    capsize=3,
+                )
+                ax.annotate(
+                    f"≤ {g['lag']}" if star else f"k={c['lag']}",
+                    (x, c["final"]),
+                    fontsize=8,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+            ax.set_xlabel(f"simulated {label} (k units)")
+            ax.set_title(f"{g['method']} vs fixed k of {g['base']}" if row == 0 else "")
+            ax.grid(alpha=0.3)
+        axes[0][col].set_ylabel("final success")
+        axes[1][col].set_ylabel("final success")
     return fig
 
 
@@ -112,6 +161,16 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             fig.savefig(written[-1], dpi=100)
             plt.close(fig)
 
+        if any(is_governed(r["method"]) for r in timed):
+            fig = _governor_plot(plt, summarize_cells(everything))
+            fig.suptitle(f"{setting}: staleness governor vs fixed bounds (mean over seeds, min–max)")
+            fig.tight_layout()
+            written.append(out_dir / f"governor_vs_time_{task}.png")
+            fig.savefig(written[-1], dpi=100)
+            plt.close(fig)
+
+        runs = [r for r in runs if not is_governed(r["method"])]
+        timed = [r for r in timed if not is_governed(r["method"])]
         cells = summarize_cells(runs)
         lags = sorted({c["lag"] for c in cells}, key=lag_order)
         positions = {lag: i for i, lag in enumerate(lags)}  # lags are spread unevenly: equal spacing

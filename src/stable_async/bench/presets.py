@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from stable_async.bench.engine import OFFLINE, EngineSettings, Lag
-from stable_async.bench.methods import LEARNING_RATE, METHODS, METHODS_2026, TUNED_LR
+from stable_async.bench.methods import LEARNING_RATE, METHODS, METHODS_2026, METHODS_GOVERNOR, TUNED_LR
 
 SWEEP_LRS = (0.5 * LEARNING_RATE, LEARNING_RATE, 2 * LEARNING_RATE)
 
@@ -60,7 +60,8 @@ class Preset:
 
 
 PAPER_METHODS = ("vcpo", "gac", "delight", "dppo_binary_tv", "decoupled_ppo", "m2po")
-ALL_METHODS = tuple(m for m in METHODS if m not in METHODS_2026)  # the grid of the committed results
+# the grid of the committed results (governed rows: their own block, at the largest bound)
+ALL_METHODS = tuple(m for m in METHODS if m not in METHODS_2026 and m not in METHODS_GOVERNOR)
 REPORTED_SEEDS = (0, 1, 2)
 SWEEP_SEEDS = (100, 101)  # the lr sweep's seeds: never reported
 
@@ -88,6 +89,8 @@ PRESETS: dict[str, Preset] = {
             Block(_staleness(_REVERSAL, "fixed"), _CORE, (32,), REPORTED_SEEDS),
             Block(_staleness(_REVERSAL, "partial"), _CORE, (32,), REPORTED_SEEDS),
             Block(_COPY, _CORE, (0, 32, OFFLINE), REPORTED_SEEDS),
+            # The staleness governor (max bound 32) next to the fixed bounds of the rows it governs.
+            Block(_REVERSAL, METHODS_GOVERNOR, (32,), REPORTED_SEEDS),
         ),
         "every method on reversal (outcome reward, H = 8) at staleness bounds 0-32 and offline; the methods "
         "whose swept lr differs from the shared one at that lr; fixed and partial staleness at 32; three "
@@ -129,3 +132,9 @@ PRESETS: dict[str, Preset] = {
         "two methods, 6 steps: for the tests",
     ),
 }
+
+# The tiny preset also runs one governed row (a second block, same settings): about a second more.
+_TINY = PRESETS["tiny"]
+PRESETS["tiny"] = replace(
+    _TINY, blocks=(*_TINY.blocks, Block(_TINY.blocks[0].settings, ("governor_ppo_tis",), (2,), (0,)))
+)

@@ -13,6 +13,15 @@ staleness model) over its seeds. Definitions (also in docs/benchmark.md):
 * ``sim_time_to_90``: the simulated time (`costmodel`) at which a run first reaches 90% of the
   synchronous final success of uncorrected PPO in its setting (lag 0, mean over seeds); None
   if never. The cell shows the median over seeds that reached it, and how many did.
+  ``sim_total_time``: the simulated time at which the run's last training step ends.
+* governed rows (``Method.governor``, e.g. ``governor_ppo_tis``): a `stable_async.StalenessGovernor`
+  sets each step's bound (≤ the lag); their simulated times come from the run's own bound trace
+  (``trace_bound``), and ``kept`` / ``offline`` refer to the row they govern (``Method.base``).
+  The governor check: the governed cell keeps ≥ 98% of its base row's synchronous final success
+  with no collapse in ≥ 3 seeds, at a mean simulated total time no longer than the best fixed
+  bound of the base row that also keeps ≥ 98% with no collapse (the fixed k with the shortest
+  total time; k = 0 keeps 100% by definition); the speed-up over synchronous is the base row's
+  lag-0 total time over the governed one's.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Any
 
 from stable_async.bench.costmodel import CostModel, step_end_times
 from stable_async.bench.engine import OFFLINE
-from stable_async.bench.methods import TUNED_SUFFIX
+from stable_async.bench.methods import TUNED_SUFFIX, get_method
 from stable_async.bench.presets import PAPER_METHODS
 
 CURVE_PREFIX = "trace_"
@@ -59,13 +68,32 @@ def _median(xs: Iterable[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------- simulated time
-@functools.lru_cache(maxsize=64)
-def simulated_times(steps: int, lag: int) -> tuple[float, ...]:
+@functools.lru_cache(maxsize=256)
+def simulated_times(steps: int, lag: int | tuple[int, ...]) -> tuple[float, ...]:
+    """End time of each step for a fixed bound ``lag``, or per-version bounds (a governed run)."""
     return tuple(step_end_times(CostModel(), steps, lag))
 
 
+def run_times(r: dict[str, Any]) -> tuple[float, ...]:
+    """A (non-offline) run's simulated step end times: from its bound trace if governed, else its lag."""
+    bounds = r.get(f"{CURVE_PREFIX}bound")
+    return simulated_times(r["steps"], tuple(int(b) for b in bounds) if bounds else int(r["lag"]))
+
+
+def base_method(method: str) -> str:
+    """The fixed-bound row a governed row governs (``Method.base``); any other method: itself."""
+    try:
+        return get_method(method).base or method
+    except ValueError:  # a record of a method this version does not define
+        return method
+
+
+def is_governed(method: str) -> bool:
+    return base_method(method) != method
+
+
 def annotate(records: list[dict[str, Any]]) -> None:
-    """Fill ``sim_time_to_90`` (and ``sim_target``) in place; see the module docstring."""
+    """Fill ``sim_time_to_90``, ``sim_total_time`` (and ``sim_target``) in place; see the module docstring."""
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_setting.setdefault(setting_of(r), []).append(r)
@@ -75,9 +103,12 @@ def annotate(records: list[dict[str, Any]]) -> None:
         for r in runs:
             r["sim_target"] = target
             r["sim_time_to_90"] = None
-            if target is None or r["lag"] == OFFLINE:
+            if r["lag"] == OFFLINE:
                 continue
-            times = simulated_times(r["steps"], int(r["lag"]))
+            times = run_times(r)
+            r["sim_total_time"] = times[-1]
+            if target is None:
+                continue
             for step, ok in zip(r["eval_steps"], r["success"]):
                 if ok >= target:
                     r["sim_time_to_90"] = 0.0 if step == 0 else times[step - 1]
@@ -106,8 +137,11 @@ def summarize_cells(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (setting, method, lag, staleness), runs in groups.items():
         finals = [r["final_success"] for r in runs]
         aucs = [r["auc"] for r in runs]
-        sync = mean_of(setting, method, 0, "final_success")
-        offline = mean_of(setting, method, OFFLINE, "final_success")
+        base = base_method(method)  # a governed row is compared with the row it governs
+        sync = mean_of(setting, base, 0, "final_success")
+        offline = mean_of(setting, base, OFFLINE, "final_success")
+        totals = [r["sim_total_time"] for r in runs if r.get("sim_total_time") is not None]
+        bounds = [r["mean_bound"] for r in runs if r.get("mean_bound") is not None]
         reached = [r["sim_time_to_90"] for r in runs if r.get("sim_time_to_90") is not None]
         cells.append(
             {
@@ -126,7 +160,7 @@ def summarize_cells(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "kept_min": _ratio(min(finals), sync),
                 "auc": statistics.fmean(aucs),
                 "auc_std": statistics.pstdev(aucs),
-                "kept_auc": _ratio(statistics.fmean(aucs), mean_of(setting, method, 0, "auc")),
+                "kept_auc": _ratio(statistics.fmean(aucs), mean_of(setting, base, 0, "auc")),
                 "vs_sync_ppo": _ratio(statistics.fmean(finals), mean_of(setting, REFERENCE, 0, "final_success")),
                 "offline_final": offline,
                 "beats_offline": None if offline is None or lag == OFFLINE else statistics.fmean(finals) > offline,
@@ -140,6 +174,9 @@ def summarize_cells(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "staleness_mean": statistics.fmean(r["mean_staleness"] for r in runs),
                 "sim_time_to_90": statistics.median(reached) if reached else None,
                 "reached_90": len(reached),
+                "sim_total_time": statistics.fmean(totals) if totals else None,
+                "base": base,
+                "mean_bound": statistics.fmean(bounds) if bounds else None,
                 "cpu_s": statistics.fmean(r["cpu_time_s"] for r in runs),
             }
         )
@@ -153,7 +190,7 @@ def _largest_lag(cells: Sequence[dict[str, Any]]) -> int | None:
 
 
 def _is_base(c: dict[str, Any]) -> bool:
-    return "@" not in c["method"] and c["staleness"] in ("bounded", OFFLINE)
+    return "@" not in c["method"] and c["staleness"] in ("bounded", OFFLINE) and c["base"] == c["method"]
 
 
 def checks(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -229,7 +266,99 @@ def checks(cells: Sequence[dict[str, Any]]) -> list[str]:
             out.append(
                 f"Paper methods vs PPO + token TIS at lag {big}, final success, seed ranges: " + "; ".join(parts) + "."
             )
+    return out + governor_checks(cells)
+
+
+def fixed_bounds_of(cells: Sequence[dict[str, Any]], governed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fixed-bound cells (bounded staleness, shared lr) of the row a governed cell governs, k ≤ its lag."""
+    return sorted(
+        (
+            c
+            for c in cells
+            if c["method"] == governed["base"]
+            and c["staleness"] == "bounded"
+            and c["lag"] != OFFLINE
+            and int(c["lag"]) <= int(governed["lag"])
+        ),
+        key=lambda c: int(c["lag"]),
+    )
+
+
+def _keeps(c: dict[str, Any], seeds: int = 1) -> bool:
+    return c["kept"] >= AIM_KEPT and c["collapses"] == 0 and c["seeds"] >= seeds
+
+
+def governor_verdict(cells: Sequence[dict[str, Any]], governed: dict[str, Any]) -> dict[str, Any]:
+    """The governor check of one governed cell (module docstring): what it is compared with and whether it is met."""
+    fixed = fixed_bounds_of(cells, governed)
+    sync = next((c for c in fixed if c["lag"] == 0), None)
+    keeping = [c for c in fixed if _keeps(c) and c.get("sim_total_time") is not None]
+    best = min(keeping, key=lambda c: (c["sim_total_time"], int(c["lag"]))) if keeping else None
+    total = governed.get("sim_total_time")
+    keeps = _keeps(governed, seeds=3)
+    faster = best is not None and total is not None and total <= best["sim_total_time"]
+    sync_total = sync.get("sim_total_time") if sync else None
+    sync_90, gov_90 = (sync or {}).get("sim_time_to_90"), governed.get("sim_time_to_90")
+    return {
+        "best_fixed": best,
+        "keeps": keeps,
+        "no_longer": faster,
+        "met": keeps and faster,
+        "speedup_total": _ratio(sync_total, total),
+        "speedup_90": _ratio(sync_90, gov_90),
+    }
+
+
+def governor_checks(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """One sentence per governed cell: the issue's must-show check, met or NOT met."""
+    out = []
+    for g in (c for c in cells if is_governed(c["method"])):
+        v = governor_verdict(cells, g)
+        best = v["best_fixed"]
+        if best is not None:
+            against = (
+                f"the best fixed bound that keeps ≥ {AIM_KEPT:.0%} is k = {best['lag']} "
+                f"({_time(best['sim_total_time'])}, kept {_pct(best['kept'])})"
+            )
+        elif fixed_bounds_of(cells, g):
+            against = f"no fixed bound of that row keeps ≥ {AIM_KEPT:.0%} with no collapse"
+        else:
+            against = "no fixed bound of that row was run"
+        out.append(
+            f"Governor: `{g['method']}` (bound ≤ {g['lag']}, mean {_num(g['mean_bound'], '.1f')}) keeps "
+            f"{_pct(g['kept'])} of `{g['base']}`'s synchronous final success, {g['collapses']}/{g['seeds']} collapses, "
+            f"simulated total time {_time(g['sim_total_time'])}; {against}; speed-up over synchronous "
+            f"×{_num(v['speedup_total'], '.2f')} (total), ×{_num(v['speedup_90'], '.2f')} (time to 90%): "
+            f"{'met' if v['met'] else 'NOT met'}"
+            + ("" if v["met"] else f" ({'quality' if not v['keeps'] else 'wall-clock'})")
+            + "."
+        )
     return out
+
+
+def governor_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Per governed cell, then each fixed bound of its base row: success kept, collapses, simulated times."""
+    header = ["method", "bound", "mean bound", "final ± sd", "kept", "collapses", "t→90%", "total time", "×sync"]
+    rows = []
+    for g in (c for c in cells if is_governed(c["method"])):
+        fixed = fixed_bounds_of(cells, g)
+        sync = next((c for c in fixed if c["lag"] == 0), None)
+        sync_total = sync.get("sim_total_time") if sync else None
+        for c, bound in [(g, f"≤ {g['lag']}")] + [(c, str(c["lag"])) for c in fixed]:
+            rows.append(
+                [
+                    _name(c["method"], markdown),
+                    bound,
+                    _num(c["mean_bound"], ".1f"),
+                    f"{c['final']:.3f} ± {c['final_std']:.3f}",
+                    _pct(c["kept"]),
+                    f"{c['collapses']}/{c['seeds']}",
+                    f"{_time(c['sim_time_to_90'])} ({c['reached_90']}/{c['seeds']})",
+                    _time(c.get("sim_total_time")),
+                    _num(_ratio(sync_total, c.get("sim_total_time")), ".2f"),
+                ]
+            )
+    return _table(header, rows, markdown)
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -397,6 +526,8 @@ def terminal_report(records: Sequence[dict[str, Any]]) -> str:
         base = [c for c in cells if _is_base(c)]
         parts.append(f"setting: {setting}   (final success; (kept) = vs same method at lag 0; * collapse; † ≤ offline)")
         parts += [lag_matrix(base, "final"), "", drift_table(cells), "", cell_table(cells), ""]
+        if any(is_governed(c["method"]) for c in cells):
+            parts += [governor_table(cells), ""]
         parts += [*checks(cells), ""]
     return "\n".join(parts)
 
@@ -455,6 +586,18 @@ def markdown_report(records: Sequence[dict[str, Any]], info: dict[str, Any], ima
                 "",
             ]
             out += [cell_table(sorted(same, key=lambda c: (c["method"], c["staleness"])), markdown=True), ""]
+        if any(is_governed(c["method"]) for c in cells):
+            out += [
+                "Staleness governor (`sa.StalenessGovernor`, docs/governor.md): each governed row at its largest "
+                "bound, then the fixed bounds of the row it governs; kept = vs that row at lag 0; total time = "
+                "simulated end of the last step, from the run's own bound trace; ×sync = the row's lag-0 total time "
+                "over this one:",
+                "",
+                governor_table(cells, markdown=True),
+                "",
+            ]
+            if image_dir is not None:
+                out += [f"![Final success vs simulated time]({image_dir}/governor_vs_time_{slug_of(setting)}.png)", ""]
         out += [
             "Simulated time to 90% of synchronous PPO's final success (cost model in `costmodel.py`; "
             "×: speed-up over synchronous PPO; (n/3): seeds that got there):",

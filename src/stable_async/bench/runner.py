@@ -17,17 +17,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stable_async.bench.engine import OFFLINE
+from stable_async.bench.methods import get_method
 from stable_async.bench.presets import Block
 from stable_async.bench.trainer import RunSpec, run
 
 
 def grid(blocks: Iterable[Block]) -> list[RunSpec]:
-    """Every (method, lag, seed) of every block, in block order."""
+    """Every (method, lag, seed) of every block, in block order; a governed method has no offline control
+    (its bound needs snapshots to choose from)."""
     return [
         RunSpec(method, lag, seed, block.settings)
         for block in blocks
         for method in block.methods
         for lag in block.lags
+        if not (lag == OFFLINE and get_method(method).governor is not None)
         for seed in block.seeds
     ]
 

@@ -18,6 +18,12 @@ It uses only the public `stable_async` API (`sa.PolicyBatch`, `sa.get_loss`, cor
    between consecutive minibatch gradients of the same step (reported separately);
 5. the trainer publishes its weights (version t + 1); every ``eval_every`` steps greedy
    success on held-out prompts, and the entropy.
+
+A governed method (``Method.governor``) runs a `stable_async.StalenessGovernor` with
+``max_bound`` = the lag: step t's batch is served under the bound k_t (versions in
+[t − k_t, t]), and after the step the governor reads the drift measured in 2. (sequence and token
+ESS/N, k3 mismatch KL) and the step cosine of 4. — all measured on step t's batch — and sets
+k_{t+1}. So each bound is decided from the previous step's batch. ``trace_bound`` records k_t.
 """
 
 from __future__ import annotations
@@ -136,6 +142,9 @@ class Trainer:
         self.optimizer = self.method.build_optimizer(self.params, s.lr)
         self.gac = self.method.build_gac(self.params)
         self.step_cosine = StepCosine(self.params)
+        if self.method.governor is not None and isinstance(spec.lag, str):
+            raise ValueError(f"lag: a governed method ({spec.method}) needs an integer bound, got {spec.lag!r}")
+        self.governor = self.method.build_governor(int(spec.lag)) if self.method.governor is not None else None
         self.version = 0
         self.nonfinite = 0
 
@@ -181,7 +190,8 @@ class Trainer:
     def step(self) -> dict[str, float]:
         s, method = self.spec.settings, self.method
         prompts = self.task.sample_prompts(s.prompts_per_step, self.gen)
-        ro = self.engine.rollout(prompts, s.group_size)
+        bound = None if self.governor is None else self.governor.bound  # decided on the previous step's batch
+        ro = self.engine.rollout(prompts, s.group_size, bound=bound)
         mask = torch.ones_like(ro.responses, dtype=torch.bool)
         with torch.no_grad():  # the trainer's recomputation: π_θ at the time of use
             old_logprobs = token_logprobs(
@@ -227,12 +237,21 @@ class Trainer:
                     self.optimizer.step(ess)
                 else:
                     self.optimizer.step()
-        return {
+        out = {
             **drift,
             "grad_cos": self.step_cosine.observe(step_grads),
             "within_batch_cos": statistics.fmean(within) if within else math.nan,
             "reward": float(ro.rewards.mean()),
         }
+        if self.governor is not None and bound is not None:
+            out["bound"] = bound
+            self.governor.update(
+                ess_ratio=drift["ess_ratio"],
+                token_ess_ratio=drift["token_ess_ratio"],
+                mismatch_kl=drift["mismatch_kl"],
+                grad_cos=None if math.isnan(out["grad_cos"]) else out["grad_cos"],  # none at the first step
+            )
+        return out
 
     def run(self) -> dict[str, Any]:
         s = self.spec.settings
@@ -261,6 +280,10 @@ class Trainer:
 def _median(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return statistics.median(finite) if finite else math.nan
+
+
+def _fixed_bound(lag: Lag) -> float | None:
+    return None if lag == OFFLINE else float(lag)
 
 
 def summarize(
@@ -303,6 +326,7 @@ def summarize(
         "median_grad_cos": _median(traces["grad_cos"]),
         "median_within_batch_cos": _median(traces["within_batch_cos"]),
         "mean_staleness": statistics.fmean(traces["staleness"]),
+        "mean_bound": statistics.fmean(traces["bound"]) if "bound" in traces else _fixed_bound(spec.lag),
         "sim_time_to_90": None,  # filled in by report.annotate (needs the synchronous cells)
         "nonfinite_losses": nonfinite,
         "wall_time_s": wall,
