@@ -43,9 +43,9 @@ GRAD_CLIP = 1.0  # max global gradient norm: veRL's actor.grad_clip, AReaL's gra
 ADV_EPS = 1e-6  # advantage = (R − b) / (group std + eps)
 TOPK = 4  # ids per position the engine reports for DPPO top-K (of a vocabulary of M + 1)
 
-# Each method's best lr on the sweep seed (benchmarks/staleness/sweep-lr.md, from
+# Each method's best lr on the sweep seeds (benchmarks/staleness/sweep-lr.md, from
 # `stable-async bench --preset sweep` and benchmarks/staleness/pick_lr.py); a method missing
-# here (delight, vcpo) had the shared lr as its best.
+# here (dppo_binary_tv, delight, vcpo) had the shared lr as its best.
 TUNED_LR: dict[str, float] = {
     name: 2.5e-3
     for name in (
@@ -56,7 +56,6 @@ TUNED_LR: dict[str, float] = {
         "cispo",
         "decoupled_ppo",
         "m2po",
-        "dppo_binary_tv",
         "dppo_topk_tv",
         "gac",
         "dppo_tv_recompute",
