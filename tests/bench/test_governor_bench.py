@@ -177,3 +177,10 @@ def test_governor_check_met_and_not_met():
     table = report.governor_table(cells, markdown=True)
     assert "`governor_ppo_tis`" in table and "≤ 4" in table and table.count("`ppo_tis`") == 3
     assert not any(c["method"] == "governor_ppo_tis" for c in cells if report._is_base(c))
+
+
+def test_a_governed_row_is_compared_with_its_base_row_at_the_same_lr():
+    assert report.base_method("governor_ppo_tis") == "ppo_tis"
+    assert report.base_method("governor_vcpo@tuned") == "vcpo@tuned"
+    assert report.base_method("governor_ppo_tis@lr=0.002") == "ppo_tis@lr=0.002"
+    assert report.base_method("ppo_tis@tuned") == "ppo_tis@tuned" and report.base_method("retired") == "retired"
