@@ -160,6 +160,7 @@ class StalenessGovernor:
         self._steps = 0
         self._alarms = 0
         self._lr_scale = 1.0
+        self._in_band = 1.0
         self._smoothed: dict[str, float] = {}
         self._last: dict[str, float] = {}
 
@@ -198,13 +199,14 @@ class StalenessGovernor:
 
     def metrics(self) -> dict[str, float]:
         """The last decision, for logging: ``governor/bound``, ``governor/lr_scale``, ``governor/in_band``
-        (1 in band, 0 after an alarm), ``governor/streak``, ``governor/alarms`` (alarms so far),
-        ``governor/steps``, and for each signal the last update was given: ``governor/<signal>`` (the
-        value the rule used, smoothed) and, if it has a limit, ``governor/alarm_<signal>`` (0 or 1).
-        A step without any signal (a hold) has neither ``in_band`` nor per-signal entries."""
+        (1 in band, 0 after an alarm; a hold keeps the last value; 1 before the first update),
+        ``governor/streak``, ``governor/alarms`` (alarms so far), ``governor/steps``, and for each
+        signal the last update was given: ``governor/<signal>`` (the value the rule used, smoothed)
+        and, if it has a limit, ``governor/alarm_<signal>`` (0 or 1)."""
         out = {
             "governor/bound": float(self._bound),
             "governor/lr_scale": self.lr_scale,
+            "governor/in_band": self._in_band,
             "governor/streak": float(self._streak),
             "governor/alarms": float(self._alarms),
             "governor/steps": float(self._steps),
@@ -258,13 +260,13 @@ class StalenessGovernor:
             self._bound = max(self.min_bound, math.floor(round(self.beta * self._bound, 9)))
             self._streak = 0
             self._alarms += 1
-            self._last["in_band"] = 0.0
+            self._in_band = 0.0
             return self._bound
         self._streak += 1
         if self._streak >= self.patience:
             self._bound = min(self.max_bound, self._bound + self.increase)
             self._streak = 0
-        self._last["in_band"] = 1.0
+        self._in_band = 1.0
         return self._bound
 
     def update_from(
@@ -308,6 +310,7 @@ class StalenessGovernor:
             "steps": self._steps,
             "alarms": self._alarms,
             "lr_scale": self._lr_scale,
+            "in_band": self._in_band,
             "smoothed": dict(self._smoothed),
             "last": dict(self._last),
             "settings": {name: getattr(self, name) for name in _SETTINGS},
@@ -341,6 +344,7 @@ class StalenessGovernor:
         self._streak = check_int("state_dict['streak']", state_dict["streak"], low=0)
         self._steps = check_int("state_dict['steps']", state_dict["steps"], low=0)
         self._alarms = check_int("state_dict['alarms']", state_dict["alarms"], low=0)
+        self._in_band = check_number("state_dict['in_band']", state_dict.get("in_band", 1.0), low=0.0, high=1.0)
         self._lr_scale = check_number("state_dict['lr_scale']", state_dict.get("lr_scale", 1.0), low=0.0, high=1.0)
         self._smoothed = {name: check_number(f"state_dict['smoothed'][{name!r}]", v) for name, v in smoothed.items()}
         self._last = {k: float(v) for k, v in state_dict.get("last", {}).items()}

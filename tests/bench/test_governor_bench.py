@@ -44,6 +44,7 @@ def test_a_governed_runs_versions_lie_in_its_own_bound_trace(monkeypatch):
     settings = dataclasses.replace(TINY, steps=12, eval_every=12, eval_prompts=8)
     trainer = Trainer(RunSpec("governor_ppo_tis", lag=4, seed=0, settings=settings))
     assert isinstance(trainer.governor, sa.StalenessGovernor) and trainer.governor.max_bound == 4
+    trainer.governor = sa.StalenessGovernor(max_bound=4, patience=2)  # the trace below: independent of the row
     # Scripted drift: the governor sees a low ESS/N at steps 5 and 9, so the bound falls and rises again.
     drift = iter([0.9] * 4 + [0.1] + [0.9] * 3 + [0.1] + [0.9] * 3)
     update = trainer.governor.update
@@ -177,3 +178,10 @@ def test_governor_check_met_and_not_met():
     table = report.governor_table(cells, markdown=True)
     assert "`governor_ppo_tis`" in table and "≤ 4" in table and table.count("`ppo_tis`") == 3
     assert not any(c["method"] == "governor_ppo_tis" for c in cells if report._is_base(c))
+
+
+def test_a_governed_row_is_compared_with_its_base_row_at_the_same_lr():
+    assert report.base_method("governor_ppo_tis") == "ppo_tis"
+    assert report.base_method("governor_vcpo@tuned") == "vcpo@tuned"
+    assert report.base_method("governor_ppo_tis@lr=0.002") == "ppo_tis@lr=0.002"
+    assert report.base_method("ppo_tis@tuned") == "ppo_tis@tuned" and report.base_method("retired") == "retired"

@@ -258,4 +258,9 @@ def test_update_from_reads_the_accumulators_sequence_and_token_ess_and_k3_kl():
 def test_update_from_an_empty_step_holds():
     gov = sa.StalenessGovernor(max_bound=8, initial_bound=3, patience=1)
     assert gov.update_from(sa.StepAccumulator()) == 3
-    assert "governor/in_band" not in gov.metrics()
+    assert gov.metrics()["governor/in_band"] == 1.0 and "governor/ess_ratio" not in gov.metrics()
+    gov = sa.StalenessGovernor(max_bound=8, initial_bound=4)
+    assert gov.metrics()["governor/in_band"] == 1.0  # before the first update
+    gov.update(ess_ratio=0.1)
+    gov.update_from(sa.StepAccumulator())
+    assert gov.metrics()["governor/in_band"] == 0.0 and gov.bound == 2  # a hold keeps the last decision

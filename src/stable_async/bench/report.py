@@ -81,11 +81,13 @@ def run_times(r: dict[str, Any]) -> tuple[float, ...]:
 
 
 def base_method(method: str) -> str:
-    """The fixed-bound row a governed row governs (``Method.base``); any other method: itself."""
+    """The fixed-bound row a governed row governs (``Method.base``, at the same lr suffix); any other method: itself."""
     try:
-        return get_method(method).base or method
+        base = get_method(method).base
     except ValueError:  # a record of a method this version does not define
         return method
+    suffix = method.partition("@")[2]
+    return method if base is None else f"{base}@{suffix}" if suffix else base
 
 
 def is_governed(method: str) -> bool:
@@ -102,7 +104,7 @@ def annotate(records: list[dict[str, Any]]) -> None:
         target = TARGET_FRACTION * statistics.fmean(sync) if sync else None
         for r in runs:
             r["sim_target"] = target
-            r["sim_time_to_90"] = None
+            r["sim_time_to_90"] = r["sim_total_time"] = None
             if r["lag"] == OFFLINE:
                 continue
             times = run_times(r)
