@@ -91,3 +91,10 @@ def test_recommend_nothing_measured_and_describe():
 def test_packaged_guide_loads_and_round_trips():
     guide = load_guide()
     assert guide["settings"] and dumps(guide) == packaged_path().read_text()
+
+
+def test_guide_ships_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "runreport/guide.json" in config["tool"]["setuptools"]["package-data"]["stable_async"]

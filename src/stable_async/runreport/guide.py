@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_async.bench.engine import OFFLINE
-from stable_async.bench.report import REFERENCE, _is_base, by_setting, lag_order, summarize_cells
+from stable_async.bench.report import REFERENCE, by_setting, lag_order, summarize_cells
 
 GUIDE_FILE = "guide.json"
 #: (run signal, guide field, what it is called) in the order `recommend` tries them.
@@ -45,9 +45,14 @@ def _clean(x: Any) -> float | None:
     return float(f"{float(x):.6g}")
 
 
+def is_guide_cell(cell: dict[str, Any]) -> bool:
+    """The cells the guide reads: shared-lr methods (no ``@tuned``), bounded staleness, not offline."""
+    return "@" not in cell["method"] and cell["staleness"] == "bounded" and cell["lag"] != OFFLINE
+
+
 def guide_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The guide table's rows for one setting (same cells, same rule as ``guide_table``)."""
-    base = [c for c in cells if _is_base(c) and c["lag"] != OFFLINE]
+    base = [c for c in cells if is_guide_cell(c)]
     rows = []
     for lag in sorted({c["lag"] for c in base}, key=lag_order):
         at = [c for c in base if c["lag"] == lag]

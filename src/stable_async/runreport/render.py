@@ -7,6 +7,7 @@ so `signal_figure` returns the figure for inspection before `save_figure` writes
 from __future__ import annotations
 
 import html
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ def signal_figure(series: SignalSeries, verdicts: Sequence[Verdict] = ()) -> Any
     rule = RULE_BY_SIGNAL.get(series.signal)
     if rule is not None:
         ax.axhline(rule.threshold, color="C3", linestyle="--", linewidth=1.0, label=f"threshold {rule.threshold:g}")
+    gaps = [b - a for a, b in zip(series.steps, series.steps[1:])]
+    half = 0.5 * statistics.median(gaps) if gaps else 0.5  # a flagged point covers half a logging interval each side
     for verdict in verdicts:
         for start, end in verdict.ranges:
-            ax.axvspan(start - 0.5, end + 0.5, color="C3", alpha=0.15, linewidth=0)
+            ax.axvspan(start - half, end + half, color="C3", alpha=0.15, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel(signal.title)
     ax.set_title(f"{signal.title}: {signal.meaning}", fontsize=9)

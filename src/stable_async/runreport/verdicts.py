@@ -250,7 +250,8 @@ def status_line(series: SignalSeries) -> str:
         return f"{title} ({series.metric}): no finite value ({len(series.values)} points)"
     rule = RULE_BY_SIGNAL.get(series.signal)
     median = statistics.median(v for v, _ in finite)
-    worst = max(finite) if rule is None or rule.above else min(finite)
+    pick = max if rule is None or rule.above else min
+    worst = pick(finite, key=lambda point: point[0])  # the first step reaching the extreme
     band = "" if rule is None else f"; threshold {rule.threshold:g} ({'above' if rule.above else 'below'} flags)"
     word = "max" if rule is None or rule.above else "min"
     undefined = sum(1 for v in series.values if math.isnan(v))
