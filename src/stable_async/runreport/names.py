@@ -2,7 +2,7 @@
 
 Every name below was read from the code that logs it: stable-async's losses, corrections and
 optimizers (``stable_async.losses.*``, ``correction``, ``diagnostics``, ``optim.gac``,
-``optim.ess_lr``), veRL 0.9.1 (``verl.trainer.ppo.rollout_corr_helper``, ``core_algos``,
+``optim.ess_lr``, ``governor``), veRL 0.9.1 (``verl.trainer.ppo.rollout_corr_helper``, ``core_algos``,
 ``ppo/v1/trainer_base``), TRL 1.16 (``GRPOTrainer``, ``experimental.async_grpo``), OpenRLHF 0.11.2
 (``trainer/ray/ppo_actor.py``) and the staleness benchmark (``bench.trainer``).
 
@@ -38,7 +38,7 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("clip_fraction", "clipped fraction", "fraction of tokens the surrogate clips"),
     Signal("masked_fraction", "masked fraction", "fraction of tokens the correction rejects, caps or filters"),
     Signal("grad_cos", "gradient cosine", "cosine of consecutive steps' gradients (GAC's c_t)"),
-    Signal("lr_scale", "lr scale", "VCPO's ESS learning-rate scale s"),
+    Signal("lr_scale", "lr scale", "the step's learning-rate scale (VCPO's ESS scale s, or the governor's)"),
     Signal("governor_bound", "governor bound", "the staleness governor's bound k"),
     Signal("staleness", "staleness", "mean policy versions behind of the trained samples"),
 )
@@ -75,6 +75,7 @@ METRIC_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("grad_cos", "stable-async", "gac/cos", ""),
     ("grad_cos", "benchmark", "trace_grad_cos", ""),
     ("lr_scale", "stable-async", "vcpo/lr_scale", ""),
+    ("lr_scale", "stable-async", "governor/lr_scale", "StalenessGovernor's lr scale"),
     ("governor_bound", "stable-async", "governor/bound", "StalenessGovernor"),
     ("staleness", "TRL", "sample/staleness_mean", "experimental async_grpo"),
     ("staleness", "veRL", "training/off_policy/trajectory_staleness/mean", "ppo v1 trainer"),
