@@ -136,6 +136,11 @@ WANDB_SCRIPT = textwrap.dedent(
     for s in range(1500):  # > 32 KiB: records cross the log's blocks
         run.log({"actor/vcpo/ess_ratio": 1.0 / (1 + s), "actor/pg_clipfrac": 0.001 * (s % 7)}, step=2 * s)
     run.finish()
+    # OpenRLHF's logger: W&B counts its own _step, the trainer's step is the metric train/global_step.
+    run = wandb.init(dir=sys.argv[2], project="p", mode="offline")
+    for s in range(3):
+        run.log({"train/ppo_clip_ratio": 0.1 * s, "train/global_step": 10 * (s + 1)})
+    run.finish()
     """
 )
 
@@ -144,15 +149,22 @@ def test_wandb_binary_offline_run(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         pytest.skip("wandb not installed")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
-    subprocess.run([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path)], check=True, env=env, timeout=240)
-    logs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    subprocess.run(
+        [sys.executable, "-c", WANDB_SCRIPT, str(tmp_path / "a"), str(tmp_path / "b")], check=True, env=env, timeout=240
+    )
+    logs = list(tmp_path.glob("a/wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1 and logs[0].stat().st_size > wandb_offline.BLOCK
-    run = only(load_runs(tmp_path))
+    run = only(load_runs(tmp_path / "a"))
     assert run.format == "wandb"
     ess = run.metrics["actor/vcpo/ess_ratio"]
     assert [s for s, _ in ess] == [2.0 * s for s in range(1500)]
     assert [v for _, v in ess] == pytest.approx([1.0 / (1 + s) for s in range(1500)])
     assert extract(run)["seq_ess"].metric == "actor/vcpo/ess_ratio"
+    openrlhf = only(load_runs(tmp_path / "b"))
+    assert openrlhf.metrics["train/ppo_clip_ratio"] == [(10.0, 0.0), (20.0, 0.1), (30.0, 0.2)]
+    assert "train/global_step" not in openrlhf.metrics
 
 
 def test_wandb_binary_without_wandb_package(tmp_path, monkeypatch):

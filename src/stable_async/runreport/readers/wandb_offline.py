@@ -8,8 +8,10 @@ What a run directory may hold, in the order tried:
   LevelDB's log format (7-byte file header ``:W&B`` + magic 0xBEE1 + version; 32 KiB blocks of
   records, each with a 4-byte checksum, a 2-byte length and a 1-byte type: full / first /
   middle / last); each record is a ``wandb.proto.wandb_internal_pb2.Record``, whose
-  ``history`` records carry the step and the logged items (name in ``key`` or the parts of
-  ``nested_key``, joined with ``/``; the value as JSON). Parsing it needs the ``wandb``
+  ``history`` records carry W&B's step and the logged items (name in ``key`` or the parts of
+  ``nested_key``, joined with ``/``; the value as JSON). A logged step metric (OpenRLHF's and the
+  HF Trainer's ``train/global_step``, see `stable_async.runreport.runlog.STEP_KEYS`) is the step
+  when present, else W&B's. Parsing it needs the ``wandb``
   package (its protobuf classes); checksums are not verified.
 * ``files/wandb-summary.json`` alone (the last value of each metric) is not a history: it is
   refused with a message saying so.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_async.runreport.readers.tabular import read_jsonl
-from stable_async.runreport.runlog import ReportError, RunLog, as_number
+from stable_async.runreport.runlog import STEP_KEYS, ReportError, RunLog, as_number, step_of
 
 HISTORY = "files/wandb-history.jsonl"
 SUMMARY = "files/wandb-summary.json"
@@ -97,11 +99,15 @@ def history_points(path: Path) -> Iterable[tuple[str, float, float]]:
         record.ParseFromString(chunk)
         if record.WhichOneof("record_type") != "history":
             continue
-        step = float(record.history.step.num)
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            value = as_number(json.loads(item.value_json)) if item.value_json else None
-            if value is not None and not key.startswith("_"):
+        items = {
+            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            for item in record.history.item
+            if item.value_json
+        }
+        step = step_of(items, record.history.step.num)  # a logged step metric (train/global_step) wins
+        for key, raw in items.items():
+            value = as_number(raw)
+            if value is not None and not key.startswith("_") and key not in STEP_KEYS:
                 yield key, step, value
 
 
