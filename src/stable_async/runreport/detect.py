@@ -46,7 +46,7 @@ def _latest_checkpoint_state(path: Path) -> Path | None:
     states = [
         (int(m.group(1)), p)
         for p in path.glob(f"checkpoint-*/{TRAINER_STATE}")
-        if (m := re.search(r"checkpoint-(\d+)", str(p)))
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))
     ]
     return max(states)[1] if states else None
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Signal:
+    """A canonical signal: ``key`` (file and JSON name), ``title`` (axis label), ``meaning``."""
+
     key: str
     title: str
     meaning: str

@@ -26,6 +26,8 @@ from stable_async.runreport.verdicts import Verdict, judge, status_line
 
 @dataclass
 class RunReport:
+    """One run's report: its signals, the verdicts on them, and the guide rows nearest its drift."""
+
     run: RunLog
     signals: dict[str, SignalSeries]
     verdicts: list[Verdict]

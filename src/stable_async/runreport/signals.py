@@ -12,6 +12,8 @@ from stable_async.runreport.runlog import ReportError, RunLog
 
 @dataclass(frozen=True)
 class SignalSeries:
+    """One canonical signal of a run: the logged ``metric`` it was read from, its steps and values."""
+
     signal: str
     metric: str  # the logged name it was read from
     steps: tuple[float, ...]

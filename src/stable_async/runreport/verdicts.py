@@ -74,6 +74,8 @@ MAX_RANGES = 6
 
 @dataclass(frozen=True)
 class Rule:
+    """Flag a signal's values above (``above=True``) or below ``threshold``; ``advice`` ends the verdict."""
+
     signal: str
     threshold: float
     above: bool  # flag values above the threshold (else below)
@@ -144,6 +146,9 @@ RULE_BY_SIGNAL = {r.signal: r for r in RULES}
 
 @dataclass(frozen=True)
 class Verdict:
+    """A signal past its threshold: the share of steps from ``onset`` on, the flagged ``ranges``
+    (first step, last step), and the ``message`` printed (with the advice)."""
+
     signal: str
     metric: str
     kind: str  # "threshold" or "infinite"
