@@ -23,7 +23,8 @@ from matplotlib.image import imread  # noqa: E402
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    assert main(["bench", "--preset", "tiny", "--workers", "1", "--no-progress", "--out", str(out)]) == 0
+    args = ["bench", "--preset", "tiny", "--methods", "ppo_tis", "--workers", "1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0  # lags 0 and 2 and the offline control: 3 runs
     return out
 
 
@@ -42,7 +43,7 @@ def test_benchmark_directory(bench_dir, capsys):
     summary = json.loads((out / "verdicts.json").read_text())
     assert [r["run"] for r in summary] == [run.name for run in load_runs(bench_dir)]
     first = records[0]
-    run_dir = out / next(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("ppo_lag_0_"))
+    run_dir = out / next(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("ppo_tis_lag_0_"))
     assert f'href="{run_dir.name}/index.html"' in index
     for key in ("seq_ess", "token_ess", "mismatch_kl", "grad_cos", "staleness"):
         assert not_blank(run_dir / f"{key}.png")
