@@ -1,6 +1,7 @@
 """The ``stable-async`` command. Subcommands:
 
 stable-async bench ...   the staleness stress benchmark (see ``stable-async bench --help``)
+stable-async report RUN  a finished run's signals as pictures and verdicts (``stable-async report --help``)
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(bench)
     bench.set_defaults(handler=run)
+    report = commands.add_parser(
+        "report",
+        help="draw a finished run's ESS/N, KL, clip fractions, gradient cosine... and print verdicts",
+        description="Read a run's logged metrics (JSON lines, CSV, TRL trainer_state.json, TensorBoard, W&B offline, "
+        "the benchmark's output) and write one PNG per signal, index.html and verdicts.json.",
+    )
+    from stable_async.runreport import command as report_command
+
+    report_command.add_arguments(report)
+    report.set_defaults(handler=report_command.run)
     args = parser.parse_args(argv)
     return int(args.handler(args) or 0)
 

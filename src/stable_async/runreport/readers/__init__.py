@@ -1,0 +1,1 @@
+"""One reader per log format; each returns `stable_async.runreport.runlog.RunLog` objects."""
