@@ -92,7 +92,7 @@ def apply_bound_trl_async(trainer: Any, bound: int) -> int:
 # -------------------------------------------------------------------------------------- AReaL
 def _areal_manager(target: Any) -> Any:
     """AReaL's StalenessManager behind ``target``, looked up the way AReaL's trainer does."""
-    if hasattr(target, "get_capacity") and hasattr(target, "max_staleness"):
+    if hasattr(target, "version_provider") and hasattr(target, "max_staleness"):  # StalenessManager
         return target
     if hasattr(target, "staleness_manager"):  # RolloutController, WorkflowExecutor
         manager = target.staleness_manager
