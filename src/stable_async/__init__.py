@@ -16,6 +16,7 @@ from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
 from stable_async.correction_chain import CorrectionChain
 from stable_async.diagnostics import ESSResult, effective_sample_size
+from stable_async.governor import StalenessGovernor
 from stable_async.kondo import KondoSelection, kondo_gate
 from stable_async.losses.base import LossConfig, LossOutput
 from stable_async.losses.delight import delight_gate
@@ -57,6 +58,7 @@ __all__ = [
     "PolicyBatch",
     "RolloutCorrection",
     "StableStep",
+    "StalenessGovernor",
     "StepAccumulator",
     "StepStatistics",
     "__version__",
