@@ -29,6 +29,7 @@ with its knob at the governor's ``max_bound``, and the governor moves the live v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,13 +38,44 @@ from stable_async.admission import admission_mask
 from stable_async.checks import ArgumentTypeError, check_int
 
 __all__ = [
+    "SIGNAL_METRICS",
     "apply_bound_areal",
     "apply_bound_skyrl",
     "apply_bound_skyrl_async",
     "apply_bound_trl_async",
     "apply_bound_verl_fully_async",
+    "governor_signals",
     "verl_admission_mask",
 ]
+
+SIGNAL_METRICS = {
+    "token_ess_ratio": "rollout_corr/rollout_is_eff_sample_size",
+    "mismatch_kl": "rollout_corr/k3_kl",
+    "clip_fraction": "actor/pg_clipfrac",
+    "grad_cos": "gac/cos",
+}
+"""`StalenessGovernor.update` argument → the logged metric it reads (veRL's names, which stable-async
+emits too): token ESS/N of the applied weights, k3 mismatch KL per token, clipped token fraction,
+consecutive-step gradient cosine (GAC). The sequence ESS/N is ``vcpo/ess / vcpo/ess_num_seqs``."""
+
+
+def governor_signals(metrics: Mapping[str, Any], *, prefix: str = "") -> dict[str, float | None]:
+    """The keyword arguments of `StalenessGovernor.update` from one step's logged metrics.
+
+    Reads `SIGNAL_METRICS` (each under ``prefix``, the trainer's prefix for our metrics) and the
+    sequence ESS/N ``ess_ratio = vcpo/ess / vcpo/ess_num_seqs`` (`stable_async.StableStep`'s
+    step statistics); a metric that is absent gives None (the governor ignores it). Values pass
+    through as floats: a NaN is the governor's error, named after its signal.
+    """
+
+    def read(name: str) -> float | None:
+        value = metrics.get(prefix + name)
+        return None if value is None else float(value)
+
+    signals = {arg: read(name) for arg, name in SIGNAL_METRICS.items()}
+    ess, seqs = read("vcpo/ess"), read("vcpo/ess_num_seqs")
+    signals["ess_ratio"] = ess / seqs if ess is not None and seqs else None
+    return signals
 
 
 def _capped(bound: Any, ceiling: Any) -> int:
