@@ -99,8 +99,9 @@ def test_verl_admission_mask_clears_trajectories_older_than_the_bound():
 
 
 @pytest.mark.slow
-def test_apply_bound_reaches_a_live_rollouter_actor():
+def test_apply_bound_reaches_a_live_rollouter_actor(monkeypatch):
     ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_raylet_start_wait_time_s", "180")  # a loaded CI machine starts the node slowly
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = os.path.dirname(os.path.dirname(sa.__file__))
     pythonpath = os.pathsep.join([src, tests_dir, os.environ.get("PYTHONPATH", "")])
