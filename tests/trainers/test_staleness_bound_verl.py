@@ -116,7 +116,12 @@ def test_apply_bound_reaches_a_live_rollouter_actor(monkeypatch):
 
     # This test module is not importable in the actor's process: send its helpers by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    try:
+        ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    except Exception as error:  # Ray's own start-up (seen: "node timed out during startup" on a loaded machine)
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        pytest.skip(f"a local Ray node did not start: {error}")
     try:
         actor = ray.remote(max_concurrency=4)(LightRollouter).remote(3.0)
         assert ray.get(actor.samples_before_pause.remote(), timeout=300) == 4 * 4 * 2
