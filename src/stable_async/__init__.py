@@ -11,6 +11,7 @@ Public API only; every name below is documented in docs/ and re-exported from it
 from importlib import metadata as _metadata
 
 from stable_async import baselines, checks, divergence, losses, registry  # noqa: F401  (losses: registers every loss)
+from stable_async.admission import admission_mask
 from stable_async.aggregate import AGGREGATION_MODES, aggregate
 from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.correction import CorrectionResult, RolloutCorrection, icepop, sequence_mask, token_tis
@@ -62,6 +63,7 @@ __all__ = [
     "StepAccumulator",
     "StepStatistics",
     "__version__",
+    "admission_mask",
     "aggregate",
     "available_losses",
     "baselines",

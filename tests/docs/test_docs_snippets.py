@@ -3,7 +3,9 @@
 A page whose snippets need something a CPU test machine lacks (a GPU cluster, a launcher) opts
 out with the HTML comment ``<!-- snippets: not-run -->`` and says why next to it. A page whose
 snippets import an optional trainer (TRL, veRL, OpenRLHF, ...) that is not installed is skipped,
-naming the missing package; with every package installed, every page runs.
+naming the missing package; with every package installed, every page runs. A single block that
+cannot run on a CPU test machine is marked by ``<!-- snippet: not-run -->`` on the line before
+its fence (the page says why in its text); the page's other blocks still run.
 """
 
 from __future__ import annotations
@@ -20,9 +22,22 @@ from stable_async import registry
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
+NOT_RUN_BLOCK = re.compile(r"^<!-- snippet: not-run -->\n```python[^\n]*\n.*?^```", re.S | re.M)
 PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 # Optional packages a page may need, and the adapters that import them.
-OPTIONAL = ("trl", "verl", "openrlhf", "deepspeed", "transformers", "datasets", "peft", "matplotlib")
+OPTIONAL = (
+    "trl",
+    "verl",
+    "openrlhf",
+    "deepspeed",
+    "transformers",
+    "datasets",
+    "peft",
+    "matplotlib",
+    "areal",
+    "skyrl",
+    "ray",
+)
 ADAPTER_NEEDS = {
     "stable_async.integrations.trl": "trl",
     "stable_async.integrations.verl": "verl",
@@ -59,7 +74,7 @@ def test_page_snippets_run(page, tmp_path, monkeypatch):
     text = page.read_text()
     if "<!-- snippets: not-run -->" in text:
         pytest.skip("page opts out of snippet execution (see the page)")
-    source = "\n\n".join(BLOCK.findall(text))
+    source = "\n\n".join(BLOCK.findall(NOT_RUN_BLOCK.sub("", text)))
     missing = missing_optional(source)
     if missing is not None:
         pytest.skip(f"optional package {missing!r} is not installed")
@@ -79,3 +94,8 @@ def test_a_page_needing_an_absent_trainer_is_skipped(monkeypatch):
     assert missing_optional(script) == "trl"
     assert missing_optional("from verl.trainer.ppo import core_algos\n") == "verl"
     assert missing_optional("import torch\nimport stable_async as sa\n") is None
+
+
+def test_a_block_marked_not_run_is_left_out():
+    text = "```python\na = 1\n```\n<!-- snippet: not-run -->\n```python\nimport skyrl\n```\n```python\nb = 2\n```\n"
+    assert BLOCK.findall(NOT_RUN_BLOCK.sub("", text)) == ["a = 1\n", "b = 2\n"]
