@@ -177,7 +177,7 @@ def test_governor_check_met_and_not_met():
     assert next(x for x in report.checks(cells) if x.startswith("Governor")).endswith("NOT met (wall-clock).")
     table = report.governor_table(cells, markdown=True)
     assert "`governor_ppo_tis`" in table and "≤ 4" in table and table.count("`ppo_tis`") == 3
-    assert not any(c["method"] == "governor_ppo_tis" for c in cells if report._is_base(c))
+    assert not any(c["method"] == "governor_ppo_tis" for c in cells if report.is_base_cell(c))
 
 
 def test_a_governed_row_is_compared_with_its_base_row_at_the_same_lr():

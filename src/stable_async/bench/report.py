@@ -191,14 +191,14 @@ def _largest_lag(cells: Sequence[dict[str, Any]]) -> int | None:
     return max(lags) if lags else None
 
 
-def _is_base(c: dict[str, Any]) -> bool:
+def is_base_cell(c: dict[str, Any]) -> bool:
     return "@" not in c["method"] and c["staleness"] in ("bounded", OFFLINE) and c["base"] == c["method"]
 
 
 def checks(cells: Sequence[dict[str, Any]]) -> list[str]:
     """The benchmark's validity checks and the honest aims, one sentence each, for one setting."""
     out: list[str] = []
-    base = [c for c in cells if _is_base(c)]
+    base = [c for c in cells if is_base_cell(c)]
     big = _largest_lag(base)
     if big is None:
         return out
@@ -449,7 +449,7 @@ def lag_matrix(cells: Sequence[dict[str, Any]], key: str, markdown: bool = False
 def drift_table(cells: Sequence[dict[str, Any]], method: str = REFERENCE, markdown: bool = False) -> str:
     """Per lag, for one method: measured drift (ESS/N, KL, staleness) next to the success it keeps."""
     rows = []
-    for c in sorted((c for c in cells if c["method"] == method and _is_base(c)), key=lambda c: lag_order(c["lag"])):
+    for c in sorted((c for c in cells if c["method"] == method and is_base_cell(c)), key=lambda c: lag_order(c["lag"])):
         rows.append(
             [
                 str(c["lag"]),
@@ -467,7 +467,7 @@ def drift_table(cells: Sequence[dict[str, Any]], method: str = REFERENCE, markdo
 
 def time_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """Methods × lags: simulated time to 90% of synchronous PPO, and the speed-up over synchronous PPO."""
-    base = [c for c in cells if _is_base(c) and c["lag"] != OFFLINE]
+    base = [c for c in cells if is_base_cell(c) and c["lag"] != OFFLINE]
     lags = sorted({c["lag"] for c in base}, key=lag_order)
     by = {(c["method"], c["lag"]): c for c in base}
     sync = by.get((REFERENCE, 0), {}).get("sim_time_to_90")
@@ -493,7 +493,7 @@ def guide_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     "Best" = the cell with the highest mean final success, and every cell whose seed range
     reaches it (final_max ≥ the best mean): the spread over seeds does not separate them.
     """
-    base = [c for c in cells if _is_base(c) and c["lag"] != OFFLINE]
+    base = [c for c in cells if is_base_cell(c) and c["lag"] != OFFLINE]
     rows = []
     for lag in sorted({c["lag"] for c in base}, key=lag_order):
         at = [c for c in base if c["lag"] == lag]
@@ -525,7 +525,7 @@ def terminal_report(records: Sequence[dict[str, Any]]) -> str:
     parts = []
     for setting, runs in by_setting(records).items():
         cells = summarize_cells(runs)
-        base = [c for c in cells if _is_base(c)]
+        base = [c for c in cells if is_base_cell(c)]
         parts.append(f"setting: {setting}   (final success; (kept) = vs same method at lag 0; * collapse; † ≤ offline)")
         parts += [lag_matrix(base, "final"), "", drift_table(cells), "", cell_table(cells), ""]
         if any(is_governed(c["method"]) for c in cells):
@@ -546,7 +546,7 @@ def markdown_report(records: Sequence[dict[str, Any]], info: dict[str, Any], ima
     out.append("")
     for setting, runs in by_setting(records).items():
         cells = summarize_cells(runs)
-        base = [c for c in cells if _is_base(c)]
+        base = [c for c in cells if is_base_cell(c)]
         seeds = sorted({r["seed"] for r in runs})
         out += [f"## {setting}", "", f"Seeds {', '.join(map(str, seeds))}; shared lr unless the row says `@tuned`.", ""]
         out += ["Checks:", ""] + [f"- {line}" for line in checks(cells)] + [""]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_async.bench.engine import OFFLINE
-from stable_async.bench.report import REFERENCE, by_setting, lag_order, summarize_cells
+from stable_async.bench.report import REFERENCE, by_setting, is_base_cell, lag_order, summarize_cells
 
 GUIDE_FILE = "guide.json"
 #: (run signal, guide field, what it is called) in the order `recommend` tries them.
@@ -46,8 +46,9 @@ def _clean(x: Any) -> float | None:
 
 
 def is_guide_cell(cell: dict[str, Any]) -> bool:
-    """The cells the guide reads: shared-lr methods (no ``@tuned``), bounded staleness, not offline."""
-    return "@" not in cell["method"] and cell["staleness"] == "bounded" and cell["lag"] != OFFLINE
+    """The cells the guide reads: the benchmark report's base cells (shared lr, bounded staleness,
+    not a governed row), not offline."""
+    return is_base_cell(cell) and cell["lag"] != OFFLINE
 
 
 def guide_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
