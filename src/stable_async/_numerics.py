@@ -25,13 +25,7 @@ def safe_exp(log_value: torch.Tensor, bound: float = LOG_RATIO_BOUND) -> torch.T
 
 
 def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A mask as 0/1 values in ``dtype`` (for mask-weighted sums).
-
-    A bool mask goes through uint8: the same values, and torch's CPU cast from uint8 to a float
-    is about 3x faster than from bool (64x2048: ~40 us against ~140 us).
-    """
-    if mask.dtype == torch.bool:
-        mask = mask.to(torch.uint8)
+    """A mask as 0/1 values in ``dtype`` (for mask-weighted sums)."""
     return mask.to(dtype)
 
 
