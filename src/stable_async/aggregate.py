@@ -76,21 +76,16 @@ def check_norm_length(norm_length: Any) -> float | None:
     return None if norm_length is None else check_number("norm_length", norm_length, low=0, low_open=True)
 
 
-def _denominator(
-    local: torch.Tensor | None, global_count: float | None, dp_size: int, like: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The count to divide by: the global one if given, else ``local`` (computed only when needed)."""
+def _denominator(mask: torch.Tensor, global_count: float | None, dp_size: int, like: torch.Tensor) -> torch.Tensor:
+    """The count to divide by, in the dtype of ``like``: the global one if given, else Σ ``mask``."""
     if global_count is None:
         if dp_size != 1:
             raise ValueError(
                 "global_num_tokens / global_num_seqs: required when dp_size > 1 "
                 "(use PolicyBatch.with_global_counts(process_group))"
             )
-        count = local
-    else:
-        ref = local if local is not None else like
-        count = torch.as_tensor(float(global_count), dtype=ref.dtype, device=ref.device)
-    return count
+        return mask_count(mask, like.dtype)
+    return torch.as_tensor(float(global_count), dtype=like.dtype, device=like.device)
 
 
 def _safe_divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -176,8 +171,7 @@ def _aggregate(
         total = masked_total()
         if mode == "token-sum":
             return total * dp_size if dp_size != 1 else total
-        count = mask_count(m, loss_mat.dtype) if global_num_tokens is None else None
-        loss = _safe_divide(total, _denominator(count, global_num_tokens, dp_size, loss_mat))
+        loss = _safe_divide(total, _denominator(m, global_num_tokens, dp_size, loss_mat))
         return loss * dp_size if dp_size != 1 else loss
 
     seq_tokens = mask_count(m, loss_mat.dtype, dim=-1)
@@ -204,6 +198,5 @@ def aggregate_sequences(
     if isinstance(seq_valid, torch.Tensor) and seq_valid.dtype != torch.bool:
         seq_valid = check_mask("seq_valid", seq_valid)
     total = masked_sum(seq_loss, seq_valid)
-    count = mask_count(seq_valid, seq_loss.dtype) if global_num_seqs is None else None
-    loss = _safe_divide(total, _denominator(count, global_num_seqs, dp_size, seq_loss))
+    loss = _safe_divide(total, _denominator(seq_valid, global_num_seqs, dp_size, seq_loss))
     return loss * dp_size if dp_size != 1 else loss

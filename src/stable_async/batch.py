@@ -77,33 +77,41 @@ def _check_integer(name: str, t: torch.Tensor) -> None:
         raise BatchValidationError(f"{name}: expected an integer dtype, got {_describe(t)}")
 
 
-def _screen(tensors: list[torch.Tensor | None], mask: torch.Tensor) -> tuple[list[bool], list[float], list[float]]:
+def _screen(
+    tensors: list[torch.Tensor | None], mask: torch.Tensor
+) -> tuple[list[bool], list[float], torch.Tensor, float, float]:
     """One host sync for the fast checks of the float fields and the mask counts.
 
-    Returns, per tensor: True if every value is certainly finite (False: unknown, check position
-    by position; a sum is finite only if every term is, and a finite tensor whose sum overflows
-    only takes the exact path), the largest value over all positions (−inf for None or empty;
-    for a top-K (B, T, K) tensor the largest log Σ_k exp, the log of its probability mass), and
-    the two mask counts [valid tokens, sequences with a valid token].
+    Returns, per tensor: True if every value is finite (its minimum and maximum are: NaN and
+    ±inf reach both; True for None or empty), and the largest value (−inf for None or empty; for
+    a top-K (B, T, K) tensor the largest log Σ_k exp, the log of its probability mass). Then the
+    number of valid tokens as an integer 0-dim tensor (`PolicyBatch.num_valid`), and the two
+    mask counts as floats [valid tokens, sequences with a valid token]. Every tensor is on the
+    device of ``mask``.
     """
-    device = mask.device
-    stats = []
-    for t in tensors:
-        if t is None or not t.numel():
-            stats.append(torch.zeros(2, dtype=torch.float64, device=device))
+    per_row = count_true(mask, dim=-1)  # valid tokens per sequence
+    num_valid = per_row.sum(dtype=per_row.dtype)
+    scalars = [num_valid.to(torch.float64), count_true(per_row > 0)]
+    present = [t is not None and t.numel() > 0 for t in tensors]
+    for t, there in zip(tensors, present, strict=True):
+        if t is None or not there:
             continue
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         d = t.detach()
-        peak = torch.logsumexp(d.to(acc), dim=-1).amax() if d.dim() == 3 else d.amax().to(acc)
-        stats.append(torch.stack([d.sum(dtype=acc), peak]).to(device=device, dtype=torch.float64))
-    counts = torch.stack([count_true(mask), count_true(mask.any(dim=-1))]).to(torch.float64)
-    values = torch.cat([*stats, counts]).tolist()
-    finite, peaks = [], []
-    for i, t in enumerate(tensors):
-        present = t is not None and t.numel() > 0
-        finite.append(not present or math.isfinite(values[2 * i]))
-        peaks.append(values[2 * i + 1] if present else -math.inf)
-    return finite, peaks, values[2 * len(tensors) :]
+        low, high = torch.aminmax(d)
+        peak = torch.logsumexp(d.to(compute_dtype(d)), dim=-1).amax() if d.dim() == 3 else high
+        scalars += [low, high, peak]
+    values = torch.stack(scalars).tolist()  # all promoted to float64, exact for every count and value
+    finite, peaks, i = [], [], 2
+    for there in present:
+        if not there:
+            finite.append(True)
+            peaks.append(-math.inf)
+            continue
+        low, high, peak = values[i : i + 3]
+        finite.append(math.isfinite(low) and math.isfinite(high))
+        peaks.append(peak)
+        i += 3
+    return finite, peaks, num_valid, values[0], values[1]
 
 
 def _as_batch_error(check: Any, *args: Any) -> None:
@@ -117,7 +125,7 @@ def _as_batch_error(check: Any, *args: Any) -> None:
         raise BatchValidationError(str(exc)) from None
 
 
-@dataclass
+@dataclass(init=False)
 class PolicyBatch:
     """The validated input of every stable-async loss.
 
@@ -151,7 +159,7 @@ class PolicyBatch:
     logprobs: torch.Tensor
     advantages: torch.Tensor
     mask: torch.Tensor
-    old_logprobs: torch.Tensor | None = None
+    old_logprobs: torch.Tensor  # always a tensor once built: the constructor's None is logprobs.detach()
     rollout_logprobs: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
@@ -166,18 +174,52 @@ class PolicyBatch:
     check_finite: bool = True
     process_group: Any = field(default=None, repr=False, compare=False)
     global_counts_from_mask: bool = False
-    # Derived in __post_init__; not constructor arguments.
+    # Derived at validation; not constructor arguments.
     dtype: torch.dtype = field(init=False)
     _maskf: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
-    _num_valid: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
-    _denominators: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+    _num_valid: torch.Tensor = field(init=False, repr=False, compare=False)
+    _denominators: dict[torch.dtype, torch.Tensor] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    # Written out (not generated) because ``old_logprobs`` is optional here but always a tensor
+    # on the built batch; `dataclasses.replace` passes every field above back in by name.
+    def __init__(
+        self,
+        logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        old_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        rewards: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        versions: torch.Tensor | None = None,
+        current_version: int | None = None,
+        topk_ids: torch.Tensor | None = None,
+        topk_logprobs: torch.Tensor | None = None,
+        current_topk_logprobs: torch.Tensor | None = None,
+        global_num_tokens: float | None = None,
+        global_num_seqs: float | None = None,
+        dp_size: int = 1,
+        check_finite: bool = True,
+        process_group: Any = None,
+        global_counts_from_mask: bool = False,
+    ) -> None:
+        self.logprobs, self.advantages, self.mask = logprobs, advantages, mask
+        self.rollout_logprobs, self.rewards, self.group_ids = rollout_logprobs, rewards, group_ids
+        self.versions, self.current_version = versions, current_version
+        self.topk_ids, self.topk_logprobs, self.current_topk_logprobs = topk_ids, topk_logprobs, current_topk_logprobs
+        self.global_num_tokens, self.global_num_seqs, self.dp_size = global_num_tokens, global_num_seqs, dp_size
+        self.check_finite, self.process_group = check_finite, process_group
+        self.global_counts_from_mask = global_counts_from_mask
+        self._maskf, self._denominators = None, {}
+        self._validate(old_logprobs)
+
+    def _validate(self, old_logprobs: torch.Tensor | None) -> None:
         self._validate_flags()
         B, T = self._validate_logprobs()
         self._validate_mask(B, T)
         advantages = self._validate_advantages(B, T)
-        old, rollout = self._validate_policy(B, T, "old_logprobs"), self._validate_policy(B, T, "rollout_logprobs")
+        old = self._validate_policy(B, T, "old_logprobs", old_logprobs)
+        rollout = self._validate_policy(B, T, "rollout_logprobs", self.rollout_logprobs)
         self._validate_topk_layout(B, T)
         self.dtype = compute_dtype(self.logprobs, advantages, old, rollout)
         # One host sync for the fast finiteness / log-prob / mass screens of every float field
@@ -185,7 +227,7 @@ class PolicyBatch:
         # exact, per-position path of `_clean`. ``self.advantages`` is the unexpanded input.
         floats = [self.logprobs, self.advantages, old, rollout]
         floats += [self._float_or_none(self.topk_logprobs), self._float_or_none(self.current_topk_logprobs)]
-        finite, peaks, (num_tokens, num_seqs) = _screen(floats, self.mask)
+        finite, peaks, self._num_valid, num_tokens, num_seqs = _screen(floats, self.mask)
         self._validate_counts(num_tokens, num_seqs)
         self._clean_policy(advantages, old, rollout, finite[:4], peaks[:4])
         self._validate_rewards_and_groups(B)
@@ -224,9 +266,7 @@ class PolicyBatch:
             if not peak <= logprob_tolerance(t.dtype):  # peak: the largest log top-K mass
                 _as_batch_error(check_logprobs, name, t, self.mask.unsqueeze(-1).expand_as(t))
                 _as_batch_error(check_probability_mass, name, t, self.mask)
-            cleaned = self._clean(
-                name, t if name == "current_topk_logprobs" else t.detach(), extra_dim=True, known_finite=known
-            )
+            cleaned = self._clean(name, t if name == "current_topk_logprobs" else t.detach(), known, extra_dim=True)
             setattr(self, name, cleaned)
 
     # ------------------------------------------------------------------ per-field validators
@@ -272,8 +312,7 @@ class PolicyBatch:
         _check_shape("advantages", adv, (B, T), "(B,) or (B, T) with B, T from logprobs")
         return adv
 
-    def _validate_policy(self, B: int, T: int, name: str) -> torch.Tensor | None:
-        value = getattr(self, name)
+    def _validate_policy(self, B: int, T: int, name: str, value: Any) -> torch.Tensor | None:
         if value is None:
             return None
         t = _check_tensor(name, value)
@@ -353,33 +392,25 @@ class PolicyBatch:
         """``t`` if it is a floating tensor (worth a finiteness screen), else None (validated later)."""
         return t if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else None
 
-    def _clean(
-        self, name: str, t: torch.Tensor, extra_dim: bool = False, known_finite: bool | None = None
-    ) -> torch.Tensor:
+    def _clean(self, name: str, t: torch.Tensor, known_finite: bool, extra_dim: bool = False) -> torch.Tensor:
         """Cast to the compute dtype, check finiteness where valid, zero the masked positions.
 
-        ``known_finite=True`` (every value is finite, from `_all_finite`) skips the per-position
-        work for a tensor already in the compute dtype: it is returned as given.
+        ``known_finite=True`` (every value is finite, from `_screen`) skips the per-position
+        work for a tensor already in the compute dtype: the caller's tensor is kept (no new
+        autograd node, so the batch can serve several backward passes).
         """
         if not t.numel():
             return t.to(self.dtype)
-        if known_finite is None:
-            known_finite = bool(torch.isfinite(t.detach().sum(dtype=torch.float64)))
         if known_finite and t.dtype == self.dtype:
             return t
         valid = self.mask.unsqueeze(-1).expand_as(t) if extra_dim else self.mask
-        finite = torch.isfinite(t)
         if self.check_finite:
-            bad = ~finite & valid
+            bad = ~torch.isfinite(t) & valid
             if bool(bad.any()):
                 n = int(bad.sum())
                 raise BatchValidationError(
                     f"{name}: {n} NaN/inf value(s) at valid (mask=1) positions; fix the input or mask them out"
                 )
-        if t.dtype == self.dtype and bool(finite.all()):
-            # Nothing to clean: keep the caller's tensor (no new autograd node, so the batch can
-            # serve several backward passes). Masked positions are ignored downstream.
-            return t
         t = t.to(self.dtype)
         return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
@@ -397,9 +428,7 @@ class PolicyBatch:
 
     @property
     def num_valid(self) -> torch.Tensor:
-        """Number of valid (mask = 1) tokens, an integer 0-dim tensor (computed once per batch)."""
-        if self._num_valid is None:
-            self._num_valid = count_true(self.mask)
+        """Number of valid (mask = 1) tokens, an integer 0-dim tensor (counted at validation)."""
         return self._num_valid
 
     def token_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -426,10 +455,18 @@ class PolicyBatch:
             denominator = self._denominators[dtype] = self.num_valid.to(dtype).clamp(min=1.0)
         return denominator
 
+    def require(self, name: str, by: str) -> torch.Tensor:
+        """The optional tensor field ``name``; a `BatchValidationError` naming it and what needs it
+        (``by``, e.g. ``"opsm(behavior='rollout')"``) when the batch lacks it."""
+        value = getattr(self, name)
+        if not isinstance(value, torch.Tensor):
+            raise BatchValidationError(f"{name}: required by {by}")
+        return value
+
     @property
     def behavior_logprobs(self) -> torch.Tensor:
         """log μ: the rollout log-probs if reported, otherwise the old (proximal) log-probs."""
-        return self.rollout_logprobs if self.rollout_logprobs is not None else self.old_logprobs  # type: ignore[return-value]
+        return self.rollout_logprobs if self.rollout_logprobs is not None else self.old_logprobs
 
     @property
     def sequence_advantages(self) -> torch.Tensor:

@@ -122,12 +122,17 @@ class RolloutCorrection:
             )
 
     # ------------------------------------------------------------------ math
-    def log_weights(self, batch: PolicyBatch) -> torch.Tensor:
-        """Per-token log w_t = log π_num − log μ, detached, 0 at masked positions."""
+    def _numerator_and_behavior(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π_num, log μ), both detached."""
         if batch.rollout_logprobs is None:
             raise ValueError("rollout_logprobs: RolloutCorrection needs the behavior log-probs in the PolicyBatch")
         numerator = batch.old_logprobs if self.numerator == "old" else batch.logprobs.detach()
-        return torch.where(batch.mask, numerator - batch.rollout_logprobs, torch.zeros_like(numerator))
+        return numerator, batch.rollout_logprobs
+
+    def log_weights(self, batch: PolicyBatch) -> torch.Tensor:
+        """Per-token log w_t = log π_num − log μ, detached, 0 at masked positions."""
+        numerator, rollout = self._numerator_and_behavior(batch)
+        return torch.where(batch.mask, numerator - rollout, torch.zeros_like(numerator))
 
     def _level_log_weight(self, log_w: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
         if level == "token":
@@ -139,8 +144,7 @@ class RolloutCorrection:
         mask = batch.mask
         if self.statistic == "ratio":
             return safe_exp(self._level_log_weight(log_w, mask, self.level))
-        numerator = batch.old_logprobs if self.numerator == "old" else batch.logprobs.detach()
-        rollout = batch.rollout_logprobs
+        numerator, rollout = self._numerator_and_behavior(batch)
         if self.divergence_eps > 0 and self.statistic in ("binary_kl", "binary_tv"):
             # Clamp both probabilities to [eps, 1 − eps], in log space.
             lo, hi = math.log(self.divergence_eps), math.log1p(-self.divergence_eps)
@@ -209,8 +213,7 @@ class RolloutCorrection:
             rejected.any(dim=-1).to(weights.dtype), mask.any(dim=-1)
         )
         metrics[f"{p}truncated_fraction"] = fraction(truncated, mask)
-        numerator = batch.old_logprobs if self.numerator == "old" else batch.logprobs.detach()
-        metrics.update(mismatch_kl(numerator, batch.rollout_logprobs, mask, prefix=p))
+        metrics.update(mismatch_kl(*self._numerator_and_behavior(batch), mask, prefix=p))
         return metrics
 
 

@@ -77,7 +77,7 @@ class OffPolicySequenceMask:
     def behavior_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         """log μ as chosen by ``behavior``."""
         if self.behavior == "old" or (self.behavior == "auto" and batch.rollout_logprobs is None):
-            return batch.old_logprobs  # type: ignore[return-value]
+            return batch.old_logprobs
         if batch.rollout_logprobs is None:
             raise BatchValidationError(
                 "rollout_logprobs: required by opsm(behavior='rollout'); pass the engine's log-probs, or "

@@ -112,3 +112,47 @@ def test_with_global_counts_without_distributed_is_local():
 def test_empty_batch_is_valid():
     batch = sa.PolicyBatch(logprobs=torch.zeros(0, 0), advantages=torch.zeros(0), mask=torch.zeros(0, 0))
     assert batch.batch_size == 0
+
+
+def test_require_returns_the_field_or_names_it_and_its_user():
+    batch = sa.PolicyBatch(**_base(), rollout_logprobs=-torch.rand(2, 3))
+    assert batch.require("rollout_logprobs", "x") is batch.rollout_logprobs
+    assert batch.require("old_logprobs", "x") is batch.old_logprobs
+    with pytest.raises(BatchValidationError, match=r"^topk_logprobs: required by my_loss\(k=4\)$"):
+        sa.PolicyBatch(**_base()).require("topk_logprobs", "my_loss(k=4)")
+
+
+def test_finite_values_whose_sum_overflows_are_kept_as_given():
+    # Every value finite, but their sum is inf in fp32: the screen is on min and max, not the sum.
+    kwargs = _base()
+    kwargs["advantages"] = torch.full((2, 3), 3e38)
+    batch = sa.PolicyBatch(**kwargs)
+    assert batch.advantages is kwargs["advantages"]
+    kwargs["advantages"] = kwargs["advantages"].clone()
+    kwargs["advantages"][0, 1] = float("inf")
+    with pytest.raises(BatchValidationError, match=r"advantages: 1 NaN/inf value\(s\) at valid"):
+        sa.PolicyBatch(**kwargs)
+
+
+def test_counts_and_float_mask_match_a_direct_count():
+    mask = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    mask[2] = False
+    batch = sa.PolicyBatch(logprobs=-torch.rand(5, 7), advantages=torch.randn(5), mask=mask)
+    assert batch.num_valid.dtype == torch.int32 and int(batch.num_valid) == int(mask.sum())
+    assert torch.equal(batch.maskf, mask.to(torch.float32))
+    rows_with_a_token = int(mask.any(dim=-1).sum())
+    sa.PolicyBatch(logprobs=-torch.rand(5, 7), advantages=torch.randn(5), mask=mask, global_num_seqs=rows_with_a_token)
+    with pytest.raises(BatchValidationError, match=r"global_num_seqs: expected a global count >= the local count 4"):
+        sa.PolicyBatch(
+            logprobs=-torch.rand(5, 7), advantages=torch.randn(5), mask=mask, global_num_seqs=rows_with_a_token - 1
+        )
+
+
+def test_replace_revalidates_and_keeps_the_other_fields():
+    old = -torch.rand(2, 3)
+    batch = sa.PolicyBatch(**_base(), old_logprobs=old, current_version=3)
+    changed = batch.replace(advantages=torch.ones(2))
+    assert torch.equal(changed.old_logprobs, old) and changed.current_version == 3
+    assert torch.equal(changed.advantages, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        batch.replace(dtype=torch.float64)  # derived, not a constructor argument

@@ -100,7 +100,8 @@ def asynchronous_times(
     lengths = model.lengths((steps + max(ks, default=0) + 1) * B) if lengths is None else lengths
     running: list[float] = []  # finish times of the sequences being generated
     started, finished, idle = 0, 0, model.slots
-    version, train_end, ends = 0, math.inf, []
+    version, train_end = 0, math.inf
+    ends: list[float] = []
     now = 0.0
     while len(ends) < steps:
         if train_end == math.inf and finished >= (version + 1) * B:

@@ -166,7 +166,9 @@ class RolloutEngine:
             switch = self._draw(1, H - 1, n)
         return a[actor], b[actor], switch[actor]
 
-    def _sample(self, version: int, prefix: torch.Tensor, n_new: int, temperature: torch.Tensor) -> torch.Tensor:
+    def _sample(
+        self, version: int, prefix: torch.Tensor, n_new: int, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample n_new tokens after ``prefix`` from the engine's copy of ``version``; returns (tokens, μ logits)."""
         self.model.load_state_dict(self.snapshots[version])
         noise = self.settings.logit_noise

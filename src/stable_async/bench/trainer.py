@@ -138,7 +138,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(1_000_003 * spec.seed + 2)  # prompts and minibatch order
         self.eval_prompts = self.task.sample_prompts(s.eval_prompts, torch.Generator().manual_seed(-1 - spec.seed))
         self.loss_fn = self.method.build_loss()
-        self.params = list(self.policy.parameters())
+        self.params: list[torch.Tensor] = list(self.policy.parameters())
         self.optimizer = self.method.build_optimizer(self.params, s.lr)
         self.gac = self.method.build_gac(self.params)
         self.step_cosine = StepCosine(self.params)
@@ -188,7 +188,7 @@ class Trainer:
         )
 
     def step(self) -> dict[str, float]:
-        s, method = self.spec.settings, self.method
+        s = self.spec.settings
         prompts = self.task.sample_prompts(s.prompts_per_step, self.gen)
         bound = None if self.governor is None else self.governor.bound  # decided on the previous step's batch
         ro = self.engine.rollout(prompts, s.group_size, bound=bound)
@@ -232,9 +232,9 @@ class Trainer:
                     if self.gac.should_skip:
                         continue
                 torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-                if method.ess_lr:  # ESS/N of this optimizer minibatch, current weights vs μ (sequence level)
-                    ess = sa.effective_sample_size(batch.logprobs.detach() - batch.rollout_logprobs, batch.mask)
-                    self.optimizer.step(ess)
+                if isinstance(self.optimizer, sa.ESSScaledLR):  # method.ess_lr: ESS/N, current weights vs μ
+                    log_w = batch.logprobs.detach() - batch.require("rollout_logprobs", "ESS-LR")
+                    self.optimizer.step(sa.effective_sample_size(log_w, batch.mask))  # sequence level
                 else:
                     self.optimizer.step()
         out = {
@@ -257,7 +257,7 @@ class Trainer:
         s = self.spec.settings
         start, cpu_start = time.perf_counter(), time.process_time()
         traces: dict[str, list[float]] = {}
-        evals = {"eval_steps": [], "success": [], "greedy_success": [], "entropy": []}
+        evals: dict[str, list[float]] = {"eval_steps": [], "success": [], "greedy_success": [], "entropy": []}
 
         def record(step: int) -> None:
             values = evaluate(self.policy, self.task, self.eval_prompts, seed=1_000_003 * self.spec.seed + step)

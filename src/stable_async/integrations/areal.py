@@ -149,7 +149,7 @@ def policy_batch(
     """AReaL's loss inputs as a `PolicyBatch` (see the module docstring for the mapping)."""
     cu = input_data.get("cu_seqlens")
     behavior = input_data["logprobs"]
-    prox = input_data.get("prox_logp")
+    prox: Any = input_data.get("prox_logp")
     versions = input_data.get("versions")
     own_proximal = getattr(config, "proximal", None) == "loglinear" and prox is None
     if not own_proximal:

@@ -382,7 +382,7 @@ class DeepSpeedStepHook:
     def step(self, closure: Any = None) -> Any:
         """The replacement of ``engine.optimizer.step``."""
         if self.gac_settings is not None:
-            self._load_gradients()
+            self._load_gradients(self.gac_settings)
         try:
             result = self.stepper.step(closure)
         finally:
@@ -392,7 +392,7 @@ class DeepSpeedStepHook:
         self.last_metrics = dict(self.stepper.stable_step.last_metrics)
         return result
 
-    def _load_gradients(self) -> None:
+    def _load_gradients(self, gac_settings: dict[str, Any]) -> None:
         from deepspeed.utils import safe_get_full_grad
 
         self._grads = [safe_get_full_grad(p) for p in self.params]
@@ -401,7 +401,7 @@ class DeepSpeedStepHook:
             for p, g in zip(self.params, self._grads, strict=True):
                 like = g if g is not None else p
                 self._proxies.append(torch.zeros((), dtype=like.dtype, device=like.device).expand(_full_shape(p, g)))
-            settings = {"sharded": False, **self.gac_settings}
+            settings = {"sharded": False, **gac_settings}
             self.stepper.stable_step.gac = sa.GradientAlignmentControl(self._proxies, **settings)
         for proxy, g in zip(self._proxies, self._grads, strict=True):
             proxy.grad = g
@@ -518,7 +518,7 @@ def patch(
         "gac": gac,
     }
     PolicyLoss(**options)  # validate the options here, not in the worker
-    module = importlib.import_module(PPO_ACTOR_MODULE)
+    module: Any = importlib.import_module(PPO_ACTOR_MODULE)  # OpenRLHF's, untyped
     if _ACTIVE is not None:
         _ACTIVE.undo()
 

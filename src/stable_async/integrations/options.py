@@ -33,7 +33,7 @@ def option_settings(value: Any, argument: str) -> dict[str, Any] | None:
     raise TypeError(f"{argument}: expected True, False, None or a dict of keyword arguments, got {value!r}")
 
 
-def _keywords(cls: type, positional: str) -> list[str]:
+def _keywords(cls: type[Any], positional: str) -> list[str]:
     """The keyword arguments of ``cls`` besides ``self`` and its first, ``positional`` one."""
     names = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", positional)]
     return sorted(names)

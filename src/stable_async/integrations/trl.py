@@ -397,7 +397,7 @@ class StableGRPOTrainer(GRPOTrainer):
         batch = self._sa_policy_batch(inputs, logps, mask, mode, metrics)
         if self._sa_loss.needs_topk:
             topk = self._sa_current_topk(model, inputs, input_ids, attention_mask)
-            batch = dataclasses.replace(batch, **topk)
+            batch = batch.replace(**topk)
         loss_fn, translated = self._sa_loss_for(bool(self.use_vllm and self.vllm_importance_sampling_correction))
         out = loss_fn(batch)
         metrics[PREFIX + "trl_is_applied"] = translated

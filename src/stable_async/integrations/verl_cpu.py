@@ -133,7 +133,7 @@ def platform_class() -> type:
         def is_platform_available(self, use_smi_check: bool = False) -> bool:
             return False  # only by VERL_PLATFORM=cpu: auto-detection keeps veRL's own fallback
 
-        def current_device(self) -> str:  # type: ignore[override]
+        def current_device(self) -> str:
             return "cpu"  # veRL passes it to .to(device=...): an index would mean an accelerator
 
         def device_count(self) -> int:

@@ -89,7 +89,7 @@ def _optimizer_class(inner: str | type) -> type:
         raise ValueError(f"inner: cannot import optimizer {inner!r}: {exc}") from exc
 
 
-def _accepted(cls: type) -> set[str] | None:
+def _accepted(cls: type[Any]) -> set[str] | None:
     """Keyword arguments ``cls.__init__`` accepts (None when it takes ``**kwargs``)."""
     params = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -197,6 +197,7 @@ class StableOptimizer(sa.ESSScaledLR):
         inner_cls = _optimizer_class(inner)
         check_inner_options(inner_cls, inner_kwargs, self._owner)
         optimizer = inner_cls(params, lr=lr, **inner_kwargs)
+        ess: dict[str, Any]  # keyword arguments of different types
         ess = {"rule": ess_rule, "base_ratio": ess_base_ratio, "min_scale": ess_min_scale, "on_missing": ess_on_missing}
         try:
             super().__init__(optimizer, **ess)
@@ -208,6 +209,7 @@ class StableOptimizer(sa.ESSScaledLR):
             if not isinstance(extra, Mapping):
                 raise TypeError(f"gac_kwargs: expected a dict, got {type(extra).__name__}")
             tensors = [p for group in optimizer.param_groups for p in group["params"]]
+            settings: dict[str, Any]  # keyword arguments of different types
             settings = {"mode": gac, "threshold": gac_threshold, "strength": gac_strength, "memory": gac_memory}
             try:
                 self.gac = sa.GradientAlignmentControl(tensors, **settings, **dict(extra))
@@ -280,14 +282,14 @@ class StableOptimizer(sa.ESSScaledLR):
         """The reduced step statistics of the last step (None when it had no ESS-LR part)."""
         return self.stable_step.last_statistics
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state, the ESS wrapper's, and GAC's (under ``"stable_async_gac"``)."""
         state = super().state_dict()
         if self.gac is not None:
             state["stable_async_gac"] = self.gac.state_dict()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         gac_state = state.pop("stable_async_gac", None)
         super().load_state_dict(state)

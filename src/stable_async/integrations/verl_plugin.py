@@ -41,8 +41,8 @@ def load() -> list[str]:
     """Register every stable-async loss in veRL as ``sa_<name>``; idempotent. Returns the registered names."""
     try:
         _install_environment_pieces()
-        adapter = sys.modules.get("stable_async.integrations.verl")
-        if adapter is not None and not hasattr(adapter, "register_all"):
+        importing = sys.modules.get("stable_async.integrations.verl")
+        if importing is not None and not hasattr(importing, "register_all"):
             # The adapter is being imported (its import of veRL brought us here); it registers at its end.
             return []
         from stable_async.integrations import verl as adapter

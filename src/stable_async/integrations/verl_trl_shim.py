@@ -70,7 +70,8 @@ def uninstall() -> None:
     """Restore veRL's own ``is_trl_available`` in its monkey-patch module (for tests)."""
     from verl.utils.import_utils import is_trl_available
 
-    importlib.import_module(MONKEY_PATCH_MODULE).is_trl_available = is_trl_available
+    module: Any = importlib.import_module(MONKEY_PATCH_MODULE)
+    module.is_trl_available = is_trl_available
 
 
 __all__ = ["install", "installed", "trl_installed", "uninstall", "value_head_class", "value_head_patch_applies"]

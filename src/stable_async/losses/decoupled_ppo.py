@@ -113,7 +113,7 @@ def loglinear_alpha(versions: torch.Tensor, current_version: int, dtype: torch.d
 def _proximal_logprobs(batch: PolicyBatch, config: DecoupledPPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π_old (detached) and, for the log-linear approximation, the per-token α."""
     if config.proximal == "recomputed":
-        return batch.old_logprobs, None  # type: ignore[return-value]
+        return batch.old_logprobs, None
     if batch.rollout_logprobs is None:
         raise ValueError("rollout_logprobs: required by decoupled_ppo with proximal='loglinear'")
     if batch.versions is None or batch.current_version is None:

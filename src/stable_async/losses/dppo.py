@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 
 from stable_async._numerics import LOG_RATIO_BOUND, masked_max, masked_mean
-from stable_async.batch import BatchValidationError, PolicyBatch
+from stable_async.batch import PolicyBatch
 from stable_async.checks import check_number
 from stable_async.divergence import binary_kl, binary_tv, topk_kl, topk_tv
 from stable_async.losses.base import LossConfig, LossOutput, check_positive, finish
@@ -170,13 +170,13 @@ def dppo_loss(batch: PolicyBatch, config: DPPOConfig, divergence: torch.Tensor) 
 
 
 def _anchor_logprobs(batch: PolicyBatch, anchor: str) -> torch.Tensor:
-    """log q of an anchor name; `require` has checked that the field is there."""
-    return batch.old_logprobs if anchor == "old" else batch.rollout_logprobs  # type: ignore[return-value]
+    """log q of an anchor name (`require` has named a missing field with its reason)."""
+    return batch.require(ANCHOR_FIELDS[anchor], f"DPPO with anchor={anchor!r}")
 
 
 def _topk_logprobs(batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π_θ, log q) at the anchor's top-K ids; `require` has checked that both are there."""
-    return batch.current_topk_logprobs, batch.topk_logprobs  # type: ignore[return-value]
+    """(log π_θ, log q) at the anchor's top-K ids (`require` has named a missing field)."""
+    return batch.require("current_topk_logprobs", "a top-K DPPO"), batch.require("topk_logprobs", "a top-K DPPO")
 
 
 def required_fields(config: DPPOConfig, topk: bool = False) -> tuple[str, ...]:
@@ -188,8 +188,7 @@ def required_fields(config: DPPOConfig, topk: bool = False) -> tuple[str, ...]:
 def require(batch: PolicyBatch, config: DPPOConfig, name: str, topk: bool = False) -> None:
     """Raise a `BatchValidationError` naming the first field the loss needs and the batch lacks."""
     for field_name in required_fields(config, topk):
-        if getattr(batch, field_name) is None:
-            raise BatchValidationError(f"{field_name}: required by {name} with {_why(config, field_name)}")
+        batch.require(field_name, f"{name} with {_why(config, field_name)}")
 
 
 def _why(config: DPPOConfig, field_name: str) -> str:

@@ -173,7 +173,7 @@ class ESSScaledLR(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ forwarding
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -181,7 +181,7 @@ class ESSScaledLR(torch.optim.Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -189,7 +189,7 @@ class ESSScaledLR(torch.optim.Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return getattr(self.optimizer, "defaults", {})
 
     @defaults.setter
@@ -224,6 +224,8 @@ class ESSScaledLR(torch.optim.Optimizer):
         """The LR multiplier s this wrapper applies for ``ess_ratio`` (no side effects)."""
         return ess_lr_scale(_as_ess_ratio(ess_ratio), self.rule, self.base_ratio, self.min_scale)
 
+    # ``ess_ratio`` comes first, before ``closure``: `torch.optim.Optimizer.step` takes only a
+    # closure, so this signature deliberately differs from it (a closure still works by keyword).
     def step(self, ess_ratio: Any = None, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """`scaled_step`, with the step pre/post hooks registered on this wrapper around it."""
         return self.scaled_step(ess_ratio, closure)
@@ -280,7 +282,7 @@ class ESSScaledLR(torch.optim.Optimizer):
         return result
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus this wrapper's state under ``"ess_scaled_lr"``.
 
         A plain optimizer's ``load_state_dict`` ignores the extra key, and `load_state_dict`
@@ -307,7 +309,7 @@ class ESSScaledLR(torch.optim.Optimizer):
                 state = result
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapped optimizer and this wrapper's counters.
 
         Settings (rule, base_ratio, min_scale, on_missing) stay as constructed; a checkpoint
