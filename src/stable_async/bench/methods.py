@@ -201,7 +201,8 @@ if _dppo_recompute_available():
 
 # The staleness governor (docs/governor.md) on the corrections that keep the most at large bounds;
 # the lr and every loss setting are the governed row's. Its settings were chosen on seeds 100 and
-# 101 (never reported) with the quick preset's reversal settings, governor_ppo_tis at bound <= 32,
+# 101 (never reported) with the reversal settings of the previous warm start (60 supervised steps,
+# noise 0.3; benchmarks/staleness/sweep.md), governor_ppo_tis at bound <= 32,
 # among three: the library's defaults (final success 0.97 / 0.89), ess_floor 0.8 (0.92 / 0.98), and
 # these (0.98 / 1.00; fixed ppo_tis at k = 4: 0.96 / 0.97, at k = 0: 1.00 / 0.99), e.g.
 # `stable-async bench --preset quick --methods governor_ppo_tis --lags 32 --seeds 100,101`.
