@@ -205,7 +205,8 @@ if _dppo_recompute_available():
 # noise 0.3; benchmarks/staleness/sweep.md), governor_ppo_tis at bound <= 32,
 # among three: the library's defaults (final success 0.97 / 0.89), ess_floor 0.8 (0.92 / 0.98), and
 # these (0.98 / 1.00; fixed ppo_tis at k = 4: 0.96 / 0.97, at k = 0: 1.00 / 0.99), e.g.
-# `stable-async bench --preset quick --methods governor_ppo_tis --lags 32 --seeds 100,101`.
+# `stable-async bench --preset quick --methods governor_ppo_tis --lags 32 --seeds 100,101
+# --set sft_steps=60 --set sft_noise=0.3`.
 GOVERNOR_SETTINGS: Mapping[str, Any] = {"ess_floor": 0.8, "kl_ceiling": 0.05, "patience": 4}
 GOVERNED = ("ppo_tis", "vcpo")
 
