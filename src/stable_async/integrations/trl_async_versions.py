@@ -16,8 +16,10 @@ there and nowhere else), and nothing else changes:
   ``segment_id`` order, −1 padded) and ``current_model_version`` (one per rank), the trainer's
   ``model_version`` when the micro-batch is collated, on the main process, where TRL keeps it
   (it is 0 on the other ranks). That is the version TRL's staleness filter compares with, so
-  ``current_model_version − model_version`` is TRL's ``sample/staleness`` of each sample (up to
-  a weight sync between reading a sample and collating its micro-batch).
+  ``current_model_version − model_version`` is TRL's ``sample/staleness`` of each sample, read
+  at collation. The dataloader prefetches one micro-batch: a weight sync between collating a
+  micro-batch and training on it is not counted (nor by TRL's filter, which reads the version
+  when it dequeues a sample).
 """
 
 from __future__ import annotations
