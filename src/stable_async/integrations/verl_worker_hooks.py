@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from tensordict import TensorDict
 
 from stable_async.integrations.verl_strict import StrictPluginFailure, strict_mode
 
@@ -124,7 +125,9 @@ def _update_actor(original: Callable[..., Any]) -> Callable[..., Any]:
         optimizer = getattr(getattr(actor, "engine", None), "optimizer", None)
         if isinstance(optimizer, StableOptimizer):
             optimizer.rollout_batch_begins()
-        current = current_version(self, data) if VERSION_KEY in data.keys() else None  # noqa: SIM118
+        # veRL's trainer.v1 passes a TransferQueue KVBatchMeta here (veRL's register turns it into data inside).
+        carries = isinstance(data, TensorDict) and VERSION_KEY in data.keys()  # noqa: SIM118 (TensorDict)
+        current = current_version(self, data) if carries else None
         with _versions_during(actor, current):
             return original(self, data, *args, **kwargs)
 
