@@ -254,7 +254,8 @@ class NoRolloutWorker:
             self.rollout_buffer.put(
                 RolloutSample(prompt="", completion="", input_ids=s["input_ids"].numpy(),
                               completion_mask=s["completion_mask"].numpy(), old_log_probs=s["old_log_probs"].numpy(),
-                              advantage=s["advantage"], model_version=0, group_id=s["group_id"], metrics={})
+                              advantage=s["advantage"], model_version=s.get("model_version", 0),
+                              group_id=s["group_id"], metrics={})
             )  # fmt: skip
 
     def start(self):
@@ -289,15 +290,15 @@ class NoWeightTransfer:
         pass
 
 
-def async_grpo_batch(samples, pad_token_id=0):
-    """One micro-batch as AsyncGRPO's collator builds it: the samples packed into one ``TreeRow``."""
+def async_grpo_batch(samples, pad_token_id=0, collator=None):
+    """One micro-batch as AsyncGRPO's collator (or ``collator``) builds it: the samples packed into one ``TreeRow``."""
     from trl.experimental.async_grpo.async_grpo_trainer import DataCollatorForRollout
     from trl.experimental.async_grpo.packing import TreeRow
 
     row = TreeRow()
     for sample in samples:
         row.add(sample)
-    return DataCollatorForRollout(pad_token_id, num_processes=1)([[row]])
+    return (collator or DataCollatorForRollout(pad_token_id, num_processes=1))([[row]])
 
 
 def async_grpo_samples(seed=0, prompts=((3, 4, 5), (6, 7)), group=3, vocab=32):

@@ -117,13 +117,26 @@ def actor_config(config: Any, **changes: Any) -> Any:
     return omega_conf_to_dataclass(actor)
 
 
-def rollout_batch(seed: int, *, mini_batch: int = BATCH, epochs: int = 1, topk: bool = False, model: Any = None):
+def rollout_batch(
+    seed: int,
+    *,
+    mini_batch: int = BATCH,
+    epochs: int = 1,
+    topk: bool = False,
+    model: Any = None,
+    version_base: int | None = None,
+    current_param_version: int | None = None,
+    shuffle: bool = False,
+):
     """A rollout batch as ``RayPPOTrainer._update_actor`` passes it to ``update_actor`` (no-padding TensorDict).
 
     Random prompts/responses of random lengths; ``old_log_probs`` around log(1/V) (the untrained
     model's); ``rollout_log_probs`` = old + noise; advantages constant per sequence. ``topk``: ``rollout_topk_ids`` /
     ``rollout_topk_logprobs`` (B, T, K) from ``model`` (the rollout policy), the sampled token
     among the K, and ``distillation_use_topk=True`` so veRL's engine calls the logits processor.
+    ``version_base``: veRL's per-trajectory ``min_global_steps`` / ``max_global_steps`` (non-tensor,
+    as ``DataProto.to_tensordict`` stores the agent loop's), ``version_base`` + the response length,
+    so a row's version tells which row it is. ``current_param_version``: that non-tensor key.
     """
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding
@@ -165,7 +178,15 @@ def rollout_batch(seed: int, *, mini_batch: int = BATCH, epochs: int = 1, topk: 
         tensors["rollout_topk_ids"] = top * response_mask[..., None]
         tensors["rollout_topk_logprobs"] = logp.gather(-1, top) * mask[..., None]
         tensors["rollout_log_probs"] = logp.gather(-1, responses[..., None])[..., 0] * mask
+    if version_base is not None:
+        from tensordict.tensorclass import NonTensorData, NonTensorStack
+
+        versions = (version_base + response_mask.sum(-1)).tolist()
+        for key in ("min_global_steps", "max_global_steps"):
+            tensors[key] = NonTensorStack.from_list([NonTensorData(v) for v in versions])
     data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
+    if current_param_version is not None:
+        tu.assign_non_tensor(data, current_param_version=current_param_version)
     tu.assign_non_tensor(
         data,
         calculate_entropy=False,
@@ -175,7 +196,7 @@ def rollout_batch(seed: int, *, mini_batch: int = BATCH, epochs: int = 1, topk: 
         mini_batch_size=mini_batch,
         epochs=epochs,
         seed=42,
-        dataloader_kwargs={"shuffle": False},
+        dataloader_kwargs={"shuffle": shuffle},
         compute_loss=True,
         temperature=1.0,
     )
@@ -325,10 +346,11 @@ def scenario_losses(model_path: str) -> dict[str, Any]:
 def scenario_optimizer(model_path: str) -> dict[str, Any]:
     """StableAdamW (ESS-LR + GAC monitor) and sa_vcpo; 2 optimizer steps per update_actor (mini-batches of 2).
 
-    Update 1 through veRL's own ppo_loss (the config-only path; μ = old_log_probs); updates 2 and
-    3 through stable-async's ppo_loss (set_loss_fn), which passes veRL's rollout-batch marker to
-    GAC. Every optimizer step is observed (gradients as GAC sees them, after veRL's clipping,
-    and the step's metrics) by wrapping the engine optimizer's ``step``.
+    Updates 1 and 2 through veRL's own ppo_loss (the config-only path; μ = old_log_probs), update
+    3 through stable-async's ppo_loss (set_loss_fn); the stable-async hook on ``update_actor``
+    starts a rollout batch for GAC at each call in both. Every optimizer step is observed
+    (gradients as GAC sees them, after veRL's clipping, and the step's metrics) by wrapping the
+    engine optimizer's ``step``.
     """
     from functools import partial
 
@@ -368,12 +390,12 @@ def scenario_optimizer(model_path: str) -> dict[str, Any]:
     }
     worker_metrics = []
     for update_index in range(3):
-        if update_index == 1:
+        if update_index == 2:
             worker.set_loss_fn(partial(adapter.ppo_loss, config=actor_config(config)))
         m, seconds = update(worker, rollout_batch(update_index, mini_batch=2))
         timings[f"update_{update_index}"] = seconds
         worker_metrics.append(sorted(m))
-    log_weights = spy.log_weights[:4]  # update 1: 2 steps × 2 micro-batches (mini-batch 2, micro 2: 1 call each)
+    log_weights = spy.log_weights[:2]  # update 1: 2 steps, 1 micro-batch each (mini-batch 2, micro 2)
     out["expected_ess_ratio"] = [
         sa.effective_sample_size(torch.cat(log_weights[i : i + 1])).ess_ratio for i in range(len(log_weights))
     ]
@@ -386,13 +408,205 @@ def scenario_optimizer(model_path: str) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"losses": scenario_losses, "optimizer": scenario_optimizer}
+class NoCheckpointEngine:
+    """veRL's checkpoint-engine protocol for ``update_weights``: takes the weights, sends them nowhere (no rollout)."""
+
+    def __init__(self) -> None:
+        self.sent: list[int | None] = []
+
+    async def send_weights(self, weights: Any, global_steps: int | None = None) -> dict[str, float]:
+        for _ in weights:
+            pass
+        self.sent.append(global_steps)
+        return {}
+
+
+def scenario_versions(model_path: str) -> dict[str, Any]:
+    """veRL's per-trajectory versions into PolicyBatch.versions, on the config-only path and through ppo_loss.
+
+    Mini-batches of 2, 2 PPO epochs, shuffled: each row's version (100 + its response length)
+    must stay with its row. Every training-call PolicyBatch is recorded (versions, current
+    version, response lengths) where the adapter hands it to the optimizer.
+    """
+    import asyncio
+    from functools import partial
+
+    from stable_async.integrations import verl as adapter
+    from stable_async.integrations import verl_optim
+
+    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2,
+                                                   extra=("actor_rollout_ref.actor.ppo_epochs=2",)))  # fmt: skip
+    seen: list[dict[str, Any]] = []
+    record = verl_optim.record
+
+    def spy(batch: Any) -> None:
+        seen[-1]["calls"].append(
+            {
+                "versions": None if batch.versions is None else batch.versions[:, 0].tolist(),
+                "current": batch.current_version,
+                "lengths": batch.mask.sum(-1).tolist(),
+            }
+        )
+        record(batch)
+
+    verl_optim.record = spy
+    out: dict[str, Any] = {}
+
+    def run(label: str, data: Any) -> dict[str, Any]:
+        seen.append({"label": label, "calls": []})
+        metrics, _ = update(worker, data)
+        return metrics
+
+    run("config_only", rollout_batch(0, mini_batch=2, epochs=2, version_base=100, current_param_version=105,
+                                     shuffle=True))  # fmt: skip
+    run("no_versions", rollout_batch(1, mini_batch=2, epochs=2, current_param_version=105, shuffle=True))
+    run("no_current", rollout_batch(2, mini_batch=2, epochs=2, version_base=100, shuffle=True))
+    engine = NoCheckpointEngine()
+    worker.checkpoint_engine = engine
+    asyncio.run(worker.update_weights(global_steps=107, mode="no_checkpoint_engine"))
+    out["sent"] = engine.sent
+    run("after_weight_sync", rollout_batch(3, mini_batch=2, epochs=2, version_base=100, shuffle=True))
+    changes = {"policy_loss.loss_mode": "sa_decoupled_ppo", "policy_loss.sa_kwargs": {"proximal": "loglinear"}}
+    worker.set_loss_fn(partial(adapter.ppo_loss, config=actor_config(config, **changes)))
+    metrics = run("loglinear_ppo_loss", rollout_batch(4, mini_batch=2, epochs=2, version_base=100,
+                                                      current_param_version=106, shuffle=True))  # fmt: skip
+    out["loglinear_alpha_mean"] = metrics.get("actor/prox_alpha_mean")
+    out["runs"] = seen
+    return out
+
+
+def policy_rollout_batch(
+    policy: Any, seed: int, *, prompts: int = 2, n: int = 4, mini_batch: int = 2, epochs: int = 1
+) -> Any:
+    """A synchronous rollout batch: ``n`` responses per prompt sampled from ``policy`` (the actor's current weights).
+
+    ``old_log_probs`` = ``rollout_log_probs`` = the policy's log-probs of the sampled tokens;
+    reward = the fraction of response tokens in the lower half of the vocabulary, advantages
+    normalized per prompt group (GRPO). Every prompt has ``PROMPT_LEN`` tokens, every response
+    ``RESPONSE_LEN``.
+    """
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    g = torch.Generator().manual_seed(seed)
+    P, T = PROMPT_LEN, RESPONSE_LEN
+    prompt = torch.randint(3, VOCAB, (prompts, P), generator=g).repeat_interleave(n, dim=0)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        ids = policy.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                              max_new_tokens=T, min_new_tokens=T, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        logp = torch.log_softmax(policy(input_ids=ids).logits[:, P - 1 : P + T - 1].float(), dim=-1)
+    responses = ids[:, P:]
+    old = logp.gather(-1, responses[..., None])[..., 0]
+    reward = (responses < VOCAB // 2).float().mean(-1).view(prompts, n)
+    advantages = ((reward - reward.mean(-1, keepdim=True)) / (reward.std(-1, keepdim=True) + 1e-6)).view(-1, 1)
+    mask = torch.ones_like(responses)
+    tensors = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(P + T).expand_as(ids).contiguous(),
+        "prompts": prompt,
+        "responses": responses,
+        "response_mask": mask,
+        "old_log_probs": old,
+        "rollout_log_probs": old.clone(),
+        "advantages": (advantages * mask).contiguous(),
+    }
+    data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
+    tu.assign_non_tensor(data, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
+                         global_batch_size=mini_batch, mini_batch_size=mini_batch, epochs=epochs, seed=42,
+                         dataloader_kwargs={"shuffle": False}, compute_loss=True, temperature=1.0)  # fmt: skip
+    return data
+
+
+GAC_SYNC_UPDATES = 8
+GAC_SYNC_SETTINGS = {"distinct_mini_batches": (2, 1), "batch_reused": (8, 2)}
+"""(mini-batch size, PPO epochs) per update_actor call on a batch of 8: 4 steps on 4 different mini-batches,
+or 2 steps on the whole batch (veRL's ``ppo_epochs=2`` with one mini-batch: TRL's ``num_iterations=2``)."""
+
+
+def scenario_gac_sync(model_path: str, updates: int = GAC_SYNC_UPDATES) -> dict[str, Any]:
+    """GAC's default settings (project, τ = 0.5, λ = 1) on a synchronous run through veRL's real worker.
+
+    ``sa_ppo``, ``StableAdamW`` with ``gac: project`` and nothing else set; each update_actor call
+    gets a batch of 8 sampled from the actor's current weights (`policy_rollout_batch`), split as
+    each of `GAC_SYNC_SETTINGS` says. Per setting, two runs from the same weights (veRL's
+    ``reset``) and seeds: ``rule``, the default (a rollout batch per update_actor call, from the
+    stable-async hook), and ``control``, ``gac_rollout_batch_steps=1`` (every step its own batch:
+    GAC compares consecutive steps, also those on the same rollout batch). Per run, over the steps
+    with a cosine: the mean ``gac/removed_frac`` (squared-norm fraction removed), the mean
+    gradient-norm fraction removed (1 − sqrt(1 − removed_frac)), the fraction of steps projected,
+    the mean cosine.
+    """
+    from transformers import AutoModelForCausalLM
+
+    extra = (
+        "actor_rollout_ref.actor.optim.optimizer_impl=stable_async.integrations.verl",
+        "actor_rollout_ref.actor.optim.optimizer=StableAdamW",
+        "actor_rollout_ref.actor.optim.override_optimizer_config={gac:project}",
+        "actor_rollout_ref.actor.optim.lr=0.003",
+    )
+    worker, _ = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2, extra=extra))
+    policy = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    out: dict[str, Any] = {"updates": updates}
+    for setting, (mini_batch, epochs) in GAC_SYNC_SETTINGS.items():
+        out[setting] = {"steps_per_update": 8 // mini_batch * epochs}
+        for label in ("rule", "control"):
+            worker.actor.reset()
+            optimizer = worker.actor.engine.optimizer
+            if label == "control":
+                optimizer.gac_rollout_batch_steps = 1  # what override_optimizer_config={gac_rollout_batch_steps:1} sets
+                optimizer.new_rollout_batch()
+            records: list[dict[str, float]] = []
+            inner_step = optimizer.step
+
+            def observed_step(*args: Any, _step: Any = inner_step, _opt: Any = optimizer, _out: Any = records,
+                              **kwargs: Any) -> Any:  # fmt: skip
+                result = _step(*args, **kwargs)
+                _out.append(dict(_opt.last_metrics))
+                return result
+
+            optimizer.step = observed_step
+            for u in range(updates):
+                current = worker.actor.engine.module.named_parameters()
+                policy.load_state_dict(
+                    {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for name, p in current},
+                    strict=False,
+                )
+                update(worker, policy_rollout_batch(policy, 1000 + u, mini_batch=mini_batch, epochs=epochs))
+            rows = [r for r in records if "gac/cos" in r]
+            removed = [r["gac/removed_frac"] for r in rows]
+            out[setting][label] = {
+                "steps": len(records),
+                "steps_with_cos": len(rows),
+                "mean_removed_frac": sum(removed) / len(rows),
+                "mean_norm_removed": sum(1.0 - math.sqrt(max(1.0 - f, 0.0)) for f in removed) / len(rows),
+                "projected_frac": sum(r["gac/action"] == 1.0 for r in rows) / len(rows),
+                "mean_cos": sum(r["gac/cos"] for r in rows) / len(rows),
+            }
+    return out
+
+
+SCENARIOS = {
+    "losses": scenario_losses,
+    "optimizer": scenario_optimizer,
+    "versions": scenario_versions,
+    "gac_sync": scenario_gac_sync,
+}
 
 
 def main(argv: list[str]) -> None:
-    scenario, model_path, out_path = argv
+    """``SCENARIO MODEL_DIR OUT.json [UPDATES]``; MODEL_DIR ``tiny``: build the tiny offline model in a temp dir."""
+    scenario, model_path, out_path, *rest = argv
     torch.set_num_threads(1)
-    result = SCENARIOS[scenario](model_path)
+    if model_path == "tiny":
+        import tempfile
+
+        from sa_testing import tiny_causal_lm
+
+        model_path = tiny_causal_lm(tempfile.mkdtemp(prefix="verl-tiny-"))[0]
+    kwargs = {"updates": int(rest[0])} if rest else {}
+    result = SCENARIOS[scenario](model_path, **kwargs)
     with open(out_path, "w") as f:
         json.dump(result, f)
 

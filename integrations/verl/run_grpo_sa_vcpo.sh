@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GRPO with stable-async's VCPO loss, ESS-scaled LR and GAC (monitor) on veRL 0.9.1, FSDP2, one 8-GPU node.
-# gac_rollout_batch_steps=4: 256 prompts x 8 samples per step in mini-batches of 64 x 8, one PPO epoch.
+# GAC compares each update_actor call (one rollout batch: 4 mini-batches of 64 x 8) with the previous one (no setting).
 # Untested on GPU by the stable-async CI (only the config composition is checked on CPU:
 # tests/trainers/test_verl_adapter.py). Prerequisites:
 #   pip install "stable-async[verl]"   # registers loss modes sa_* in every veRL process (entry point)
@@ -35,7 +35,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.actor.optim.lr=1e-6 \
     actor_rollout_ref.actor.optim.optimizer_impl=stable_async.integrations.verl \
     actor_rollout_ref.actor.optim.optimizer=StableAdamW \
-    'actor_rollout_ref.actor.optim.override_optimizer_config={ess_rule:sqrt,gac:monitor,gac_rollout_batch_steps:4}' \
+    'actor_rollout_ref.actor.optim.override_optimizer_config={ess_rule:sqrt,gac:monitor}' \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.n=8 \
     actor_rollout_ref.rollout.calculate_log_probs=true \

@@ -129,3 +129,63 @@ def test_trains_through_async_grpo_trainer_loop(tiny_model, tmp_path):
     for name in ("clip_ratio/region_mean", "stable_async/vcpo/ess_ratio", "stable_async/dppo/divergence_mean"):
         assert name in logged[-1], name
     assert "stable_async/gac/cos" in logged[-1] and trainer._sa_stepper.stable_step.gac.step == 2
+
+
+# --------------------------------------------------------------------------- policy versions
+def test_collated_versions_reach_the_loss_in_completion_order(tiny_model, tmp_path):
+    """decoupled_ppo(proximal="loglinear") reads them: its α per completion from current − version, by hand."""
+    from stable_async.integrations.trl_async_versions import VersionedCollator
+
+    samples = async_grpo_samples(seed=3)
+    for i, s in enumerate(samples):
+        s["model_version"] = 7 - i % 4  # versions behind: 0, 1, 2, 3, 0, 1
+    collator = VersionedCollator(0, num_processes=1, model_version_fn=lambda: 7)
+    batch = async_grpo_batch(samples, collator=collator)
+    assert batch["current_model_version"].tolist() == [7]
+    assert batch["model_version"].tolist() == [[s["model_version"] for s in samples]]
+    trainer = make(StableAsyncGRPOTrainer, tiny_model, tmp_path, policy_loss="decoupled_ppo",
+                   loss_kwargs={"proximal": "loglinear"})  # fmt: skip
+    seen = []
+    record = trainer._sa_accumulator.record  # sees each PolicyBatch the loss ran on
+    trainer._sa_accumulator.record = lambda b: seen.append(b) or record(b)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.compute_loss(trainer.model, batch)
+    (b,) = seen
+    assert b.current_version == 7
+    assert b.versions[:, 0].tolist() == [s["model_version"] for s in samples]
+    lengths = [int(s["completion_mask"].sum()) for s in samples]
+    gaps = [7 - s["model_version"] for s in samples]
+    alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]  # α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1)
+    expected = sum(a * n for a, n in zip(alpha, lengths, strict=True)) / sum(lengths)
+    assert trainer._metrics["train"]["stable_async/actor/prox_alpha_mean"][-1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_without_versions_in_the_batch_none_are_passed(tiny_model, tmp_path):
+    trainer = make(StableAsyncGRPOTrainer, tiny_model, tmp_path, policy_loss="decoupled_ppo",
+                   loss_kwargs={"proximal": "loglinear"})  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1
+    with pytest.raises(ValueError, match="versions"):
+        trainer.compute_loss(trainer.model, async_grpo_batch(async_grpo_samples(seed=3)))
+
+
+def test_trl_loop_carries_each_samples_version_past_its_staleness_filter(tiny_model, tmp_path):
+    """TRL's queue reader drops the samples staler than max_staleness; the others reach the loss with their version."""
+    samples = [s for seed in range(4) for s in async_grpo_samples(seed=seed)]
+    for i, s in enumerate(samples):
+        s["model_version"] = 105 - (i % 7)  # after TRL's first sync (106): 1..7 behind; max_staleness=4 drops 5-7
+    trainer = make(StableAsyncGRPOTrainer, tiny_model, tmp_path, samples, policy_loss="decoupled_ppo",
+                   loss_kwargs={"proximal": "loglinear"})  # fmt: skip
+    trainer.model_version = 105
+    assert trainer.args.max_staleness == 4
+    seen = []
+    record = trainer._sa_accumulator.record  # sees each PolicyBatch the loss ran on
+    trainer._sa_accumulator.record = lambda b: seen.append((b.versions[:, 0].tolist(), b.current_version)) or record(b)
+    trainer.train()
+    assert len(seen) == 2 and trainer.model_version == 108  # TRL syncs weights when training begins and per step
+    current = seen[0][1]
+    assert current == 106  # the trainer's version when the first micro-batch is collated
+    kept = [s["model_version"] for s in samples if current - s["model_version"] <= 4]
+    got = [v for versions, _ in seen for v in versions]
+    assert sorted(got) == sorted(kept[: len(got)])  # the first kept samples, each with its own version
+    assert len(kept) < len(samples) and all(c in (106, 107) for _, c in seen)
+    assert all(c - v <= 4 for versions, c in seen for v in versions)

@@ -128,18 +128,20 @@ def _flat_grad(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("how", ["marker", "steps"])
+@pytest.mark.parametrize("how", ["hook", "steps", "steps_override_the_hook"])
 def test_gac_compares_with_the_last_gradient_of_the_previous_rollout_batch(config, how):
     """Two rollout batches of two mini-batch steps: no comparison inside batch 1; batch 2 vs batch 1's last."""
     model = Policy(0)
-    extra = {"gac_rollout_batch_steps": 2} if how == "steps" else {}
+    extra = {"gac_rollout_batch_steps": 2} if how.startswith("steps") else {}
     opt = make(model, gac="monitor", ess_lr=False, **extra)
     grads, cosines = [], []
     for batch in range(2):
+        if how == "hook":  # what the stable-async hook on veRL's update_actor calls at each call
+            opt.rollout_batch_begins()
         for mini in range(2):
+            if how == "steps_override_the_hook":  # ignored: the explicit N decides alone
+                opt.rollout_batch_begins()
             opt.zero_grad()
-            if how == "marker":  # what ppo_loss passes on from veRL's update_lr_scheduler flag
-                opt.rollout_batch_marker(last_mini_batch=mini == 1)
             loss_calls(model, micro_batches(10 * batch + mini, stale=0.3), config)
             grads.append(_flat_grad(model).clone())
             opt.step()

@@ -11,7 +11,13 @@ shows that veRL's actor builds with TRL importable (the stable-async TRL shim).
   ``ppo_loss`` and veRL's logits-processor call): the worker called that registered loss, its
   ``actor/pg_loss`` is the sum of that loss over the micro-batches, the parameters moved.
 * ``optimizer`` (``StableAdamW``, ESS-LR + GAC, ``sa_vcpo``): the engine's optimizer is ours;
-  ``vcpo/*`` and ``gac/*`` metrics come back from the worker.
+  ``vcpo/*`` and ``gac/*`` metrics come back from the worker; GAC compares each step with the
+  last gradient of the previous ``update_actor`` call, config only and through ``ppo_loss``.
+* ``versions``: veRL's per-trajectory ``max_global_steps`` and the current version (the batch's
+  ``current_param_version``, else the last ``update_weights``) reach every training call's
+  ``PolicyBatch`` row by row; ``sa_decoupled_ppo(proximal="loglinear")`` runs on them.
+* ``gac_sync``: default GAC on a synchronous run (batches sampled from the actor's weights)
+  removes little of the gradient; the consecutive-step control removes more.
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ def model_path(tmp_path_factory):
     return tiny_causal_lm(tmp_path_factory.mktemp("verl-tiny"))[0]
 
 
-def run_scenario(name: str, model_path: str, tmp_path_factory) -> dict:
+def run_scenario(name: str, model_path: str, tmp_path_factory, *args: str) -> dict:
     out = tmp_path_factory.mktemp(f"verl-{name}") / "result.json"
     src = os.path.dirname(os.path.dirname(os.path.abspath(sa.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, HELPER, name, model_path, str(out)],
+        [sys.executable, HELPER, name, model_path, str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -118,10 +124,74 @@ def test_the_engine_steps_stable_adamw_with_ess_lr(optimizer_run):
 
 
 def test_gac_compares_each_mini_batch_with_the_previous_rollout_batch(optimizer_run):
-    """Updates 2 and 3 (stable-async's ppo_loss reads veRL's update_lr_scheduler marker)."""
+    """Config only (updates 1-2, veRL's ppo_loss) and through stable-async's ppo_loss (update 3), no setting.
+
+    The hook on veRL's update_actor starts a rollout batch per call: both steps of a call compare
+    with the last gradient of the previous call, never with each other.
+    """
     steps, cos = optimizer_run["steps"], optimizer_run["grad_cosines"]
-    assert "gac/cos" not in steps[0]  # nothing to compare with yet
-    assert steps[1]["gac/cos"] == pytest.approx(cos[1][0], rel=1e-5, abs=1e-6)  # no marker: consecutive steps
+    assert "gac/cos" not in steps[0] and "gac/cos" not in steps[1]  # the first rollout batch has nothing before it
     for i, reference in ((2, 1), (3, 1), (4, 3), (5, 3)):  # last gradient of the previous update_actor
         assert steps[i]["gac/cos"] == pytest.approx(cos[i][reference], rel=1e-5, abs=1e-6)
     assert abs(cos[3][2] - cos[3][1]) > 1e-3  # the same-batch neighbour would give another value
+    assert abs(cos[5][4] - cos[5][3]) > 1e-3
+
+
+# --------------------------------------------------------------------------- policy versions
+@pytest.fixture(scope="module")
+def versions_run(model_path, tmp_path_factory):
+    return run_scenario("versions", model_path, tmp_path_factory)
+
+
+def _runs(versions_run):
+    return {run["label"]: run["calls"] for run in versions_run["runs"]}
+
+
+def test_each_rows_version_reaches_the_loss_with_its_row(versions_run):
+    """veRL's max_global_steps (100 + response length here) per row, through shuffled mini-batches and 2 epochs."""
+    runs = _runs(versions_run)
+    for label, current in (("config_only", 105), ("after_weight_sync", 107), ("loglinear_ppo_loss", 106)):
+        calls = runs[label]
+        assert len(calls) == 4, label  # 2 epochs × 2 mini-batches × 1 micro-batch
+        for call in calls:
+            assert call["current"] == current, label
+            assert call["versions"] == [100 + n for n in call["lengths"]], label
+
+
+def test_current_version_is_the_batchs_or_the_last_weight_sync(versions_run):
+    runs = _runs(versions_run)
+    assert versions_run["sent"] == [107]  # update_weights(global_steps=107) went through veRL's own method
+    assert all(c["versions"] is None and c["current"] is None for c in runs["no_current"])  # before any sync
+    assert all(c["versions"] is None and c["current"] is None for c in runs["no_versions"])
+
+
+def test_a_loss_that_reads_versions_runs_on_them(versions_run):
+    """sa_decoupled_ppo(proximal="loglinear"): α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1), token mean per micro-batch."""
+    calls = _runs(versions_run)["loglinear_ppo_loss"]
+    expected = []
+    for call in calls:
+        gaps = [call["current"] - v for v in call["versions"]]
+        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
+        expected.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
+    assert versions_run["loglinear_alpha_mean"] == pytest.approx(expected, rel=1e-6)
+    assert max(expected) > 0.1  # stale rows: the approximation moved the proximal policy
+
+
+# --------------------------------------------------------------------------- GAC on a synchronous run
+@pytest.fixture(scope="module")
+def gac_sync_run(model_path, tmp_path_factory):
+    return run_scenario("gac_sync", model_path, tmp_path_factory, "3")  # 3 update_actor calls per run
+
+
+def test_gac_removes_little_of_a_synchronous_runs_gradient_by_default(gac_sync_run):
+    """Default GAC (project, τ = 0.5), no setting: < 10% of the gradient norm removed on average, both splits.
+
+    Control: every step its own rollout batch (gac_rollout_batch_steps=1). With the batch reused
+    over 2 PPO epochs it compares a step with the step before on the same samples and projects.
+    """
+    for setting in ("distinct_mini_batches", "batch_reused"):
+        rule = gac_sync_run[setting]["rule"]
+        assert rule["steps_with_cos"] > 0 and rule["mean_norm_removed"] < 0.10, (setting, rule)
+    reused = gac_sync_run["batch_reused"]
+    assert reused["control"]["projected_frac"] > 0
+    assert reused["control"]["mean_norm_removed"] > reused["rule"]["mean_norm_removed"] + 0.05

@@ -15,9 +15,12 @@ tokens) `PolicyBatch`:
   the gradient-accumulation steps; the same is ``global_num_tokens = global_n_tokens · GA`` with
   ``dp_size = world_size`` (TRL's built-in loss = our ``ppo`` with ``aggregation="token-mean"``,
   the default here, with ε from ``epsilon`` / ``epsilon_high``).
-* Policy versions: AsyncGRPO drops samples older than ``max_staleness`` in its queue reader and
-  does not pass a sample's ``model_version`` on to the collated batch, so ``PolicyBatch.versions``
-  stays unset here.
+* ``versions`` / ``current_version``: each completion's ``model_version`` (the number of weight
+  syncs before the weights that generated it) and the trainer's ``model_version``, carried from
+  TRL's queue reader into the collated batch by `stable_async.integrations.trl_async_versions`
+  (TRL itself drops them after its ``max_staleness`` filter), so ``current_version − versions``
+  is TRL's ``sample/staleness``. Losses that read versions (``decoupled_ppo`` with
+  ``proximal="loglinear"``) run here.
 
 TRL's metrics are kept under TRL's names (``ratio``, ``kl``, ``entropy``,
 ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}``; ε from the loss when it has
@@ -43,6 +46,7 @@ from trl.experimental.async_grpo import AsyncGRPOTrainer
 from stable_async.batch import PolicyBatch
 from stable_async.integrations.options import correction_option, ess_lr_settings, gac_settings
 from stable_async.integrations.stepping import SteppedOptimizer
+from stable_async.integrations.trl_async_versions import carrying_versions, versions_of
 from stable_async.integrations.trl_translation import clip_flags, metric_name
 from stable_async.optim.accumulator import StepAccumulator
 from stable_async.registry import Loss, get_loss
@@ -132,6 +136,11 @@ class StableAsyncGRPOTrainer(AsyncGRPOTrainer):
             self.optimizer = optimizer = self._sa_stepper
         return optimizer
 
+    def get_train_dataloader(self) -> Any:
+        """TRL's dataloader, its queue reader and collator also carrying the policy versions."""
+        with carrying_versions(lambda: self.model_version):
+            return super().get_train_dataloader()
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         """TRL's tree-packed forward; our loss on the trained tokens laid out per completion."""
         log_probs, entropy, aux_loss = self._sa_forward(model, inputs)
@@ -142,6 +151,7 @@ class StableAsyncGRPOTrainer(AsyncGRPOTrainer):
         )
         steps = self.current_gradient_accumulation_steps
         world = self.accelerator.num_processes
+        versions, current = versions_of(inputs, mask.shape[0])
         batch = PolicyBatch(
             logprobs=logps,
             advantages=adv_rows,
@@ -151,6 +161,8 @@ class StableAsyncGRPOTrainer(AsyncGRPOTrainer):
             global_num_tokens=max(float(inputs["global_n_tokens"][0]), float(world)) * steps,
             global_num_seqs=float(mask.shape[0] * world * steps),
             dp_size=world,
+            versions=versions.to(mask.device) if versions is not None else None,
+            current_version=current,
         )
         out = self._sa_loss(batch)
         loss = out.loss

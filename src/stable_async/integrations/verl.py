@@ -37,6 +37,11 @@ open (see `stable_async.integrations.verl_optim`).
 it; `check_config` (run inside veRL's ``validate_config`` once this module is imported) checks
 those, the optimizer options and rollout correction with a loss that weights by μ.
 
+**Rollout batches and policy versions** (`stable_async.integrations.verl_worker_hooks`, installed
+with the losses): each ``update_actor`` call of veRL's actor worker starts a rollout batch for
+GAC, and the batch's per-trajectory ``max_global_steps`` with the current version reach every
+``sa_`` loss as ``versions`` / ``current_version``.
+
 **Top-K** through `ppo_loss`: veRL's engine calls the loss function a second way, as a
 logits processor ``loss_fn(student_logits=..., data=...)``, when the micro-batch carries
 ``distillation_use_topk=True``; `ppo_loss` then returns log π_θ at the rollout top-K ids.
@@ -58,7 +63,7 @@ from verl.trainer.ppo import core_algos
 
 import stable_async as sa
 from stable_async.correction import CorrectionResult, RolloutCorrection
-from stable_async.integrations import verl_optim
+from stable_async.integrations import verl_optim, verl_worker_hooks
 from stable_async.integrations.verl_optim import StableAdamW, StableOptimizer
 from stable_async.integrations.verl_optim import to_plain as _plain
 from stable_async.integrations.verl_strict import STRICT_ENV, StrictPluginFailure, strict_mode
@@ -455,6 +460,7 @@ def compute_policy_loss(
             "rollout_is, or set actor_rollout_ref.actor.policy_loss.allow_rollout_correction=true"
         )
     info = _plain(_get(config, "global_batch_info")) or {}
+    versions, current = verl_worker_hooks.loss_versions()
     batch = sa.PolicyBatch(
         logprobs=log_prob,
         advantages=advantages,
@@ -467,6 +473,8 @@ def compute_policy_loss(
         global_num_tokens=_count(info.get("batch_num_tokens")),
         global_num_seqs=_count(info.get("global_batch_size")),
         dp_size=int(_count(info.get("dp_size")) or 1),
+        versions=versions.to(log_prob.device) if versions is not None else None,
+        current_version=current,
     )
     loss_config = loss.config
     if rollout_is_weights is not None:
@@ -624,10 +632,7 @@ def ppo_loss(
       KL loss, metric aggregation unchanged), with these micro-batch keys passed on to the
       ``sa_`` loss for this call: ``rollout_log_probs`` (B, T) → ``rollout_logprobs``;
       ``rollout_topk_ids`` (B, T, K) int and ``rollout_topk_logprobs`` (B, T, K) → ``topk_ids`` /
-      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``. It also
-      passes veRL's ``update_lr_scheduler`` marker (set on the last mini-batch of each
-      ``update_actor`` call) to the open `StableOptimizer`, so GAC compares each step with the
-      previous rollout batch (`StableOptimizer.rollout_batch_marker`).
+      ``topk_logprobs``; and, if the logits processor ran, ``current_topk_logprobs``.
     * ``loss_fn(student_logits=..., data=...)`` (logits processor; only when the micro-batch has
       ``distillation_use_topk=True``): returns `topk_logits_processor`'s per-token tensors.
     """
@@ -637,11 +642,6 @@ def ppo_loss(
 
     if model_output is None or data is None:
         raise ValueError("model_output / data: both are required unless called as a logits processor")
-    optimizer = verl_optim.open_step()
-    if optimizer is not None and "update_lr_scheduler" in data.keys():  # noqa: SIM118 (TensorDict)
-        from verl.utils import tensordict_utils as tu
-
-        optimizer.rollout_batch_marker(bool(tu.get_non_tensor_data(data, "update_lr_scheduler", default=False)))
     token = _EXTRAS.set(_extras(model_output, data))
     try:
         return verl_losses.ppo_loss(config, model_output, data, dp_group)
@@ -682,3 +682,4 @@ __all__ = [
 # Importing the adapter directly (without `import verl` first) also registers the losses.
 register_all()
 install_config_checks()
+verl_worker_hooks.install()

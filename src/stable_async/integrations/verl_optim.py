@@ -19,16 +19,12 @@ the optimizer whose ``zero_grad`` ran last.
 **Rollout batches (GAC).** One veRL ``update_actor`` call is one rollout batch, stepped once per
 mini-batch and PPO epoch; GAC must compare each step with the last gradient of the *previous*
 rollout batch, not with another mini-batch of the same one
-(`stable_async.GradientAlignmentControl.new_rollout_batch`). Two ways to say where a batch starts:
-
-* ``gac_rollout_batch_steps=N`` (config only): every N optimizer steps (N = ``ppo_epochs`` × the
-  number of mini-batches per ``update_actor``, fixed in veRL's synchronous trainer);
-* `stable_async.integrations.verl.ppo_loss` (installed with ``set_loss_fn``) reads veRL's own
-  marker: veRL sets ``update_lr_scheduler=True`` on the micro-batches of the last mini-batch of
-  an ``update_actor`` call (it steps the LR scheduler once per call after it), so a new rollout
-  batch starts after that step (`StableOptimizer.rollout_batch_marker`).
-
-Without either, each step is its own rollout batch (GAC compares consecutive steps).
+(`stable_async.GradientAlignmentControl.new_rollout_batch`). The stable-async plugin's hook on
+veRL's actor worker (`stable_async.integrations.verl_worker_hooks`) calls
+`StableOptimizer.rollout_batch_begins` at the start of every ``update_actor`` call, with the
+registered ``sa_`` losses (config only) and with `stable_async.integrations.verl.ppo_loss` alike.
+``gac_rollout_batch_steps=N`` overrides it: a new batch every N optimizer steps, whatever the
+calls. Outside veRL's worker (no hook, no N), each step is its own rollout batch.
 """
 
 from __future__ import annotations
@@ -166,8 +162,8 @@ class StableOptimizer(sa.ESSScaledLR):
         gac: None (off, default) or a GAC mode: ``"project"``, ``"skip"``, ``"monitor"``.
         gac_threshold, gac_strength, gac_memory: GAC's ``threshold``, ``strength``, ``memory``.
         gac_kwargs: further `GradientAlignmentControl` keyword arguments (e.g. ``adaptive``).
-        gac_rollout_batch_steps: optimizer steps per rollout batch (None: told by `ppo_loss`, or
-            each step its own batch; see the module docstring).
+        gac_rollout_batch_steps: optimizer steps per rollout batch (None: one per veRL
+            ``update_actor`` call, from the worker hook; see the module docstring).
     """
 
     _owner = "StableOptimizer"
@@ -221,8 +217,6 @@ class StableOptimizer(sa.ESSScaledLR):
             raise ValueError(f"gac_rollout_batch_steps: expected an integer >= 1 or None, got {steps!r}")
         self.gac_rollout_batch_steps = steps
         self._steps_in_batch = 0
-        self._batch_ends_after_step = False
-        self._by_rollout_batch = False
         if steps is not None:
             self.new_rollout_batch()
         self.accumulator = sa.StepAccumulator()
@@ -245,21 +239,13 @@ class StableOptimizer(sa.ESSScaledLR):
     def new_rollout_batch(self) -> None:
         """The next step starts a new rollout batch: GAC compares it with the previous batch's last gradient."""
         self._steps_in_batch = 0
-        self._by_rollout_batch = True
         if self.gac is not None:
             self.gac.new_rollout_batch()
 
-    def rollout_batch_marker(self, last_mini_batch: bool) -> None:
-        """From a micro-batch of this step: whether it belongs to the last mini-batch of its rollout batch.
-
-        The first marker starts rollout-batch mode (the current step opens a batch); after a step
-        marked ``last_mini_batch`` the next step starts a new batch.
-        """
-        if self.gac is None or self.gac_rollout_batch_steps is not None:
-            return
-        if not self._by_rollout_batch:
+    def rollout_batch_begins(self) -> None:
+        """A veRL ``update_actor`` call starts (worker hook): new rollout batch, unless ``gac_rollout_batch_steps``."""
+        if self.gac_rollout_batch_steps is None:
             self.new_rollout_batch()
-        self._batch_ends_after_step = self._batch_ends_after_step or bool(last_mini_batch)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """GAC (if on), then one inner step at the ESS-scaled LR (if on); metrics in ``last_metrics``."""
@@ -272,8 +258,7 @@ class StableOptimizer(sa.ESSScaledLR):
         self.last_metrics = metrics
         self._steps_in_batch += 1
         every = self.gac_rollout_batch_steps
-        if self._batch_ends_after_step or (every is not None and self._steps_in_batch >= every):
-            self._batch_ends_after_step = False
+        if every is not None and self._steps_in_batch >= every:
             self.new_rollout_batch()
         return self.stable_step.last_result
 

@@ -14,8 +14,11 @@ swallow), aborting ``import verl``.
 Besides the losses, `load` installs two environment pieces: with TRL installed,
 `stable_async.integrations.verl_trl_shim` (veRL 0.9.1's value-head patch fails to import from
 TRL ≥ 1.x); with ``VERL_PLATFORM=cpu``, the CPU platform of `stable_async.integrations.verl_cpu`.
-Cheap otherwise: imports the adapter (which imports ``verl.trainer.ppo.core_algos``, already
-loaded by most veRL entry points) and fills the policy-loss registry.
+Otherwise: imports the adapter (which imports ``verl.trainer.ppo.core_algos``, already loaded by
+most veRL entry points), fills the policy-loss registry, and wraps the actor worker's
+``update_actor`` / ``update_weights`` (`stable_async.integrations.verl_worker_hooks`: GAC's
+rollout batches, the policy versions), which imports ``verl.workers.engine_workers`` (about 1 s
+of CPU; veRL's driver and actor workers import it anyway).
 """
 
 from __future__ import annotations
