@@ -96,11 +96,11 @@ def carrying_versions(model_version_fn: Callable[[], int]) -> Iterator[None]:
         return VersionedCollator(*args, model_version_fn=model_version_fn, **kwargs)
 
     saved = trl_async.RolloutQueueDataset, trl_async.DataCollatorForRollout
-    trl_async.RolloutQueueDataset, trl_async.DataCollatorForRollout = VersionedQueueReader, collator  # type: ignore[misc]
+    trl_async.RolloutQueueDataset, trl_async.DataCollatorForRollout = VersionedQueueReader, collator
     try:
         yield
     finally:
-        trl_async.RolloutQueueDataset, trl_async.DataCollatorForRollout = saved  # type: ignore[misc]
+        trl_async.RolloutQueueDataset, trl_async.DataCollatorForRollout = saved
 
 
 def versions_of(inputs: Mapping[str, Any], completions: int) -> tuple[torch.Tensor | None, int | None]:
