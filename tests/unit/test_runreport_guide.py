@@ -13,7 +13,7 @@ from stable_async.runreport.guide import main as guide_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "assets" / "benchmark" / "results.json"
-COMMAND = "python -m stable_async.runreport.guide docs/assets/benchmark/results.json"
+COMMAND = "python -m stable_async.runreport.write_guide docs/assets/benchmark/results.json"
 
 
 def test_committed_guide_is_what_the_command_writes(tmp_path):

@@ -6,7 +6,7 @@ ESS/N, mismatch KL k3 over its runs) and what it keeps of its synchronous succes
 best methods at that lag (the highest mean final success, and every method whose best seed
 reaches it). ``guide.json`` is generated from the committed benchmark results by
 
-    python -m stable_async.runreport.guide docs/assets/benchmark/results.json
+    python -m stable_async.runreport.write_guide docs/assets/benchmark/results.json
 
 (rerun it whenever those results are regenerated; a test compares the two).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -143,7 +142,8 @@ def describe(rec: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stable_async.runreport.guide", description="Write guide.json from a benchmark's results.json."
+        prog="python -m stable_async.runreport.write_guide",
+        description="Write guide.json from a benchmark's results.json.",
     )
     parser.add_argument("results", type=Path, help="the benchmark's results.json (or its output directory)")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write (default: the packaged {GUIDE_FILE})")
@@ -153,7 +153,3 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(dumps(build_guide(json.loads(results.read_text()))))
     print(out)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
