@@ -19,9 +19,11 @@ Proximal policy (``proximal``): ``"recomputed"`` (default) reads ``old_logprobs`
 
     log π_old ≈ log μ + α·(log π_θ − log μ),   α = clamp((v − 1 − v_μ) / (v − v_μ), 0, 1)
 
-with v = ``current_version`` (the version this update produces; the proximal policy is v − 1)
-and v_μ = ``versions`` (the version that sampled the token). α = 0 (π_old := μ) wherever
-v − v_μ ≤ 0 or v_μ < 0 (AReaL's guard: same version, a version from the future, or "no
+with v = ``current_version`` and v_μ = ``versions`` (the version that sampled the token). v is
+the version of the weights being trained, as AReaL passes it (``engine.get_version()``, set to
+s + 1 with the weights broadcast after step s; ``areal/trainer/rl_trainer.py``) and as the TRL
+and veRL adapters pass it; AReaL's comment on this formula calls v − 1 the proximal version.
+α = 0 (π_old := μ) wherever v − v_μ ≤ 0 or v_μ < 0 (AReaL's guard: same version, a version from the future, or "no
 version"), so such tokens get w = 1 and a plain PPO ratio against μ.
 
 Defaults from AReaL: ε_low = ε_high = 0.2 (its ``eps_clip``; ``eps_clip_higher`` unset), no dual
