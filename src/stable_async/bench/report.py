@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_async.bench.costmodel import CostModel, step_end_times
-from stable_async.bench.engine import OFFLINE
+from stable_async.bench.engine import OFFLINE, Lag
 from stable_async.bench.methods import TUNED_SUFFIX, get_method
 from stable_async.bench.presets import PAPER_METHODS
 
@@ -487,19 +487,30 @@ def time_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return _table(["method"] + [f"lag {lag}" for lag in lags], rows, markdown)
 
 
-def guide_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """Per lag, indexed by uncorrected PPO's measured drift: which methods are best there.
+def guide_selection(
+    cells: Sequence[dict[str, Any]],
+) -> list[tuple[Lag, dict[str, Any] | None, list[dict[str, Any]]]]:
+    """Per lag (offline excluded): uncorrected PPO's cell (None if absent) and the best cells.
 
-    "Best" = the cell with the highest mean final success, and every cell whose seed range
-    reaches it (final_max ≥ the best mean): the spread over seeds does not separate them.
+    "Best" = the base cell with the highest mean final success, and every base cell whose seed
+    range reaches it (final_max ≥ the best mean): the spread over seeds does not separate them.
     """
     base = [c for c in cells if is_base_cell(c) and c["lag"] != OFFLINE]
-    rows = []
+    selection = []
     for lag in sorted({c["lag"] for c in base}, key=lag_order):
         at = [c for c in base if c["lag"] == lag]
         ref = next((c for c in at if c["method"] == REFERENCE), None)
         best = max(at, key=lambda c: (c["final"], c["auc"]))
         tied = [c for c in sorted(at, key=lambda c: -c["final"]) if c["final_max"] >= best["final"]]
+        selection.append((lag, ref, tied))
+    return selection
+
+
+def guide_table(cells: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Per lag, indexed by uncorrected PPO's measured drift: which methods are best there
+    (`guide_selection`)."""
+    rows = []
+    for lag, ref, tied in guide_selection(cells):
         rows.append(
             [
                 str(lag),

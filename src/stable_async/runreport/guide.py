@@ -24,8 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stable_async.bench.engine import OFFLINE
-from stable_async.bench.report import REFERENCE, by_setting, is_base_cell, lag_order, summarize_cells
+from stable_async.bench.report import REFERENCE, by_setting, guide_selection, summarize_cells
 
 GUIDE_FILE = "guide.json"
 #: (run signal, guide field, what it is called) in the order `recommend` tries them.
@@ -44,21 +43,10 @@ def _clean(x: Any) -> float | None:
     return float(f"{float(x):.6g}")
 
 
-def is_guide_cell(cell: dict[str, Any]) -> bool:
-    """The cells the guide reads: the benchmark report's base cells (shared lr, bounded staleness,
-    not a governed row), not offline."""
-    return is_base_cell(cell) and cell["lag"] != OFFLINE
-
-
 def guide_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The guide table's rows for one setting (same cells, same rule as ``guide_table``)."""
-    base = [c for c in cells if is_guide_cell(c)]
+    """The guide table's rows for one setting: the cells `bench.report.guide_selection` picks."""
     rows = []
-    for lag in sorted({c["lag"] for c in base}, key=lag_order):
-        at = [c for c in base if c["lag"] == lag]
-        ref = next((c for c in at if c["method"] == REFERENCE), None)
-        best = max(at, key=lambda c: (c["final"], c["auc"]))
-        tied = [c for c in sorted(at, key=lambda c: -c["final"]) if c["final_max"] >= best["final"]]
+    for lag, ref, tied in guide_selection(cells):
         rows.append(
             {
                 "lag": lag,
