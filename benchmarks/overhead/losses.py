@@ -2,9 +2,11 @@
 
 Every pair runs on identical inputs (fp32 log-probs, as the trainers produce them; right-padded
 masks with lengths in [T/2, T]; one advantage per sequence broadcast over its tokens) and is first
-checked to give the same loss value and gradient. Each trainer gets its inputs in its own native
-form (veRL / OpenRLHF a float response mask, TRL an int completion mask and (B,) advantages),
-stable-async a bool mask, all built outside the timed region.
+checked to give the same loss value and gradient. Each trainer gets its inputs in the form its own
+update path hands its loss (veRL a bool response mask, OpenRLHF an int64 action mask, see
+`reference_mask`; TRL an int completion mask and (B,) advantages), stable-async a bool mask, all
+built outside the timed region. ``mask_form="float"`` gives veRL and OpenRLHF a float32 mask
+instead (the protocol of earlier rounds), as a control on how much the mask's form moves a ratio.
 
 Variants of ours:
 
@@ -124,7 +126,23 @@ def _verl_config(**kwargs):
     return verl_actor_config(**kwargs)
 
 
-def build_case(case: str, x: Inputs) -> tuple[Any, str, dict, dict]:
+MASK_FORMS = ("native", "float")
+
+
+def reference_mask(framework: str, x: Inputs, form: str = "native") -> torch.Tensor:
+    """The mask a trainer's loss receives. ``native``: as the trainer's own update path hands it
+    over; veRL 0.9.1 bool (``workers/utils/losses.py``, ``ppo_loss`` casts ``response_mask`` with
+    ``.to(bool)`` before calling the policy loss), OpenRLHF 0.11.2 int64 (``samples_generator.py``
+    builds ``action_mask`` as ``zeros_like`` of its int64 attention mask and nothing casts it on
+    the way to ``PolicyLoss``). ``float``: a float32 0/1 mask for both (the earlier protocol)."""
+    if form not in MASK_FORMS:
+        raise ValueError(f"reference mask form: expected one of {MASK_FORMS}, got {form!r}")
+    if form == "float":
+        return x.maskf
+    return {"verl": x.mask, "openrlhf": x.maski}[framework]
+
+
+def build_case(case: str, x: Inputs, mask_form: str = "native") -> tuple[Any, str, dict, dict]:
     """(reference callable returning its loss, our loss name, our loss kwargs, our PolicyBatch kwargs)."""
     B, T = x.lp.shape
     batch_kwargs = {"logprobs": x.lp, "advantages": x.adv, "mask": x.mask, "old_logprobs": x.old}
@@ -149,13 +167,14 @@ def build_case(case: str, x: Inputs) -> tuple[Any, str, dict, dict]:
         verl_kwargs, ours, ours_kwargs, mode = settings[name]
         config = _verl_config(**verl_kwargs)
         fn = core_algos.get_policy_loss_fn(name)
+        response_mask = reference_mask("verl", x, mask_form)
 
         def reference():
             return fn(
                 old_log_prob=x.old,
                 log_prob=x.lp,
                 advantages=x.adv,
-                response_mask=x.maskf,
+                response_mask=response_mask,
                 loss_agg_mode=mode,
                 config=config,
             )[0]
@@ -165,9 +184,10 @@ def build_case(case: str, x: Inputs) -> tuple[Any, str, dict, dict]:
         from sa_testing import load_openrlhf_loss_module
 
         policy_loss = load_openrlhf_loss_module().PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28)
+        action_mask = reference_mask("openrlhf", x, mask_form)
 
         def reference():
-            return policy_loss(x.lp, x.old, x.adv, x.maskf)[0]
+            return policy_loss(x.lp, x.old, x.adv, action_mask)[0]
 
         return reference, "ppo", {"eps_low": 0.2, "eps_high": 0.28}, batch_kwargs
     if framework == "trl":
@@ -233,18 +253,25 @@ def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=Non
 
 
 def run(
-    sizes=None, cases=None, repeats: int = 15, inner: int = 3, memory: bool = True, compile: bool = False
+    sizes=None,
+    cases=None,
+    repeats: int = 15,
+    inner: int = 3,
+    memory: bool = True,
+    compile: bool = False,
+    mask_form: str = "native",
 ) -> list[dict]:
     """One row per (case, size): ratios of our variants to the reference, and peak memory.
 
     ``compile=True`` adds a ``+batch compiled`` variant (``compile=True`` loss setting) for the
     losses that have one; its one-off compilation happens in the correctness check, untimed.
+    ``mask_form`` is the form of the veRL / OpenRLHF references' mask (see `reference_mask`).
     """
     rows = []
     for B, T in sizes or SIZES:
         x = make_inputs(B, T)
         for case in cases or CASES:
-            reference, name, loss_kwargs, batch_kwargs = build_case(case, x)
+            reference, name, loss_kwargs, batch_kwargs = build_case(case, x, mask_form)
             loss_fn = sa.get_loss(name, **loss_kwargs)
             _check_same(reference, loss_fn, batch_kwargs, x, case)
             compiled_fn = None

@@ -45,7 +45,15 @@ def run_losses(args) -> tuple[list[dict], str]:
     repeats = 3 if args.smallest else (8 if args.quick else args.repeats)
     inner = 1 if args.smallest else 3
     rounds = [
-        losses.run(sizes=sizes, cases=args.cases, repeats=repeats, inner=inner, memory=(k == 0), compile=args.compile)
+        losses.run(
+            sizes=sizes,
+            cases=args.cases,
+            repeats=repeats,
+            inner=inner,
+            memory=(k == 0),
+            compile=args.compile,
+            mask_form=args.reference_masks,
+        )
         for k in range(args.rounds)
     ]
     rows = losses.combine_rounds(rounds)
@@ -180,6 +188,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--compile", action="store_true", help="also time the losses' compile=True setting (ppo, gspo, gspo_token)"
+    )
+    parser.add_argument(
+        "--reference-masks",
+        choices=("native", "float"),
+        default="native",
+        help="mask form of the veRL / OpenRLHF references: as their update paths pass it (bool / int64), or float32",
     )
     parser.add_argument("--train-repeats", type=int, default=5, help="training-step repetitions (full run)")
     parser.add_argument(

@@ -61,10 +61,11 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
 
     ``eps`` > 0 clamps both probabilities to [eps, 1 − eps] first (OpenRLHF's gate uses 1e-6);
     with ``eps = 0`` it is evaluated from the log-probabilities as
-    q·(log q − log p) + (1 − q)·log1p((p − q)/(1 − p)) with p − q = q·expm1(log p − log q) and
-    1 − p, 1 − q from ``expm1``: in fp64 the error stays below 1e-12 of the value plus 1e-15 of
-    q·|log q − log p|, even for p ≈ q or p, q near 1 (tests/unit/test_dppo.py checks it against an
-    80-digit evaluation); infinite only where p = 1 > q.
+    q·(log q − log p) + (1 − q)·log1p((p − q)/(1 − p)) with p − q = q·expm1(log p − log q),
+    1 − max(p, q) from ``expm1`` and the other complement as it plus |p − q|. In fp64 the error
+    stays below 1e-12 of the value plus 1e-15 of q·|log q − log p|, even for p ≈ q or p, q near 1
+    (tests/unit/test_dppo.py checks it against an 80-digit evaluation); infinite only where
+    p = 1 > q.
 
     ``eps`` must lie in [0, 0.5): the interval [eps, 1 − eps] is empty above 0.5, and at 0.5 it
     is the single point ½, which makes the KL identically 0 (``eps=0.7`` used to return 0 where
@@ -81,17 +82,21 @@ def binary_kl(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, eps: float
 def _binary_kl_log_space(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """q·(log q − log p) + (1 − q)·log1p((p − q)/(1 − p)), every factor from log-probabilities:
 
-    p − q = q·expm1(log p − log q), 1 − p = −expm1(log p) and 1 − q = −expm1(log q) are accurate
-    to a few ulp however close p is to q or to 1, so the tail has no cancellation between two
-    nearly equal logs. The tail is 0 where q ≥ 1; where p = 1 > q it is +inf (the divergence is
-    infinite).
+    p − q = q·expm1(log p − log q) is accurate to a few ulp however close p is to q. Of the two
+    complements, the smaller, 1 − max(p, q) = −expm1(max(log p, log q)), is accurate however
+    close the probability is to 1, and the larger is it plus |p − q|: a sum of non-negative
+    terms, so no complement comes from a cancellation. The tail is 0 where q ≥ 1; where
+    p = 1 > q it is +inf (the divergence is infinite).
     """
     lp = lp.clamp(max=0.0)
     q = torch.exp(lq)
     log_ratio = lp - lq
-    one_minus_p = torch.rsub(torch.expm1(lp), 0.0)  # 0 − expm1(log p): +0.0, never −0.0, at p = 1
-    one_minus_q = torch.rsub(torch.expm1(lq), 0.0).clamp_(min=0.0)  # a log q > 0 counts as q = 1
-    tail = torch.log1p(q * torch.expm1(log_ratio) / one_minus_p) * one_minus_q
+    gap = q * torch.expm1(log_ratio)  # p − q
+    # 0 − expm1(·): +0.0, never −0.0, at probability 1; a log q > 0 counts as q = 1.
+    one_minus_high = torch.rsub(torch.expm1(torch.maximum(lp, lq)), 0.0).clamp_(min=0.0)
+    one_minus_p = one_minus_high + (-gap).clamp(min=0.0)
+    one_minus_q = one_minus_high + gap.clamp(min=0.0)
+    tail = torch.log1p(gap / one_minus_p) * one_minus_q
     # NaN and −inf only arise where the tail is 0 or negligible: at q = 1 (0·log 0, or 0·∞ when
     # p = 1 too), and where 1 − q is below an ulp of 1 − p (the log1p argument rounds to ≤ −1;
     # the true tail (1 − q)·log((1 − q)/(1 − p)) is then negligible next to the head term).

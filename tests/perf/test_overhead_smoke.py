@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +77,19 @@ def test_rounds_and_compiled_variant(bench_run, tmp_path, capsys):
     assert len(ppo["rounds"]) == 2
     assert ppo["ratio_batch_worst"] == max(r["ratio_batch"] for r in ppo["rounds"])
     assert ppo["ratio_compiled"] > 0 and cispo["ratio_compiled"] is None
+
+
+def test_reference_mask_forms(bench_run):
+    """veRL's references get a bool mask and OpenRLHF's an int64 one (their update paths' forms);
+    the float control gives both float32; all describe the same valid tokens."""
+    import losses
+
+    x = losses.make_inputs(3, 8)
+    native = {fw: losses.reference_mask(fw, x) for fw in ("verl", "openrlhf")}
+    assert native["verl"].dtype == torch.bool and native["openrlhf"].dtype == torch.int64
+    for fw in ("verl", "openrlhf"):
+        control = losses.reference_mask(fw, x, "float")
+        assert control.dtype == torch.float32
+        assert torch.equal(control != 0, x.mask) and torch.equal(native[fw] != 0, x.mask)
+    with pytest.raises(ValueError, match="reference mask form"):
+        losses.reference_mask("verl", x, "half")

@@ -11,7 +11,7 @@ import torch
 import stable_async as sa
 from sa_testing import random_tensors
 from stable_async import divergence as D
-from stable_async.losses.dppo import DPPOConfig, DPPOKLConfig, trust_region_mask
+from stable_async.losses.dppo import DPPOConfig, DPPOKLConfig, signed_divergence, trust_region_mask
 
 # Six tokens, anchor q = 0.5 everywhere; (p, A) and whether DPPO drops the token (δ_TV = 0.15, δ_KL = 0.05).
 #   p    A   p − q   binary KL(q‖p)                              pushed direction   dropped
@@ -35,6 +35,52 @@ def _hand_batch(**extra):
         rollout_logprobs=torch.full((1, 6), math.log(0.5), dtype=torch.float64),
         **extra,
     )
+
+
+def _mask(lp, lq, adv, divergence, delta):
+    return trust_region_mask(signed_divergence(lp, lq, divergence), adv > 0, delta, delta)
+
+
+def test_mask_is_the_rule_written_out(gen):
+    """The signed-divergence mask equals the rule as the paper states it, with ties p = q and A = 0."""
+    lp = torch.log(torch.rand(6, 50, generator=gen, dtype=torch.float64))
+    lq = torch.where(
+        torch.rand(6, 50, generator=gen) < 0.2, lp, torch.log(torch.rand(6, 50, generator=gen, dtype=torch.float64))
+    )
+    adv = torch.randint(-1, 2, (6, 50), generator=gen).to(torch.float64)  # −1, 0, +1
+    for divergence in (D.binary_tv(lp, lq), D.binary_kl(lp, lq)):
+        for d_low, d_high in [(0.05, 0.05), (0.02, 0.3), (math.inf, 0.1)]:
+            risen_too_far = (divergence > d_high) & (lp > lq)
+            fallen_too_far = (divergence > d_low) & (lp < lq)
+            expected = torch.where(adv > 0, risen_too_far, fallen_too_far)
+            got = trust_region_mask(signed_divergence(lp, lq, divergence), adv > 0, d_low, d_high)
+            assert torch.equal(got, expected)
+            assert expected.any() and not expected.all()  # the draw exercises both outcomes
+
+
+@pytest.mark.parametrize("name", ["dppo_binary_tv", "dppo_binary_kl"])
+def test_masked_fractions_split_by_rule(gen, name):
+    """masked_frac_pos / _neg count the A > 0 / A ≤ 0 rule (A = 0 follows A ≤ 0) and add up to the
+    masked fraction; counted here token by token."""
+    t = random_tensors(gen, spread=1.5)
+    adv = t["advantages"].clone()
+    adv[:, ::3] = 0.0
+    batch = sa.PolicyBatch(**{**t, "advantages": adv})
+    out = sa.get_loss(name)(batch)
+    lp, mu = batch.logprobs.detach(), batch.rollout_logprobs
+    divergence = (D.binary_tv if name.endswith("tv") else D.binary_kl)(lp, mu)
+    delta = 0.15 if name.endswith("tv") else 0.05
+    dropped = _mask(lp, mu, batch.advantages, divergence, delta) & batch.mask
+    n = int(batch.mask.sum())
+    pos = int((dropped & (batch.advantages > 0)).sum()) / n
+    neg = int((dropped & (batch.advantages <= 0)).sum()) / n
+    assert int((dropped & (batch.advantages == 0)).sum()) > 0  # A = 0 tokens are masked too
+    assert out.metrics["dppo/masked_frac_pos"] == pytest.approx(pos)
+    assert out.metrics["dppo/masked_frac_neg"] == pytest.approx(neg)
+    assert out.metrics["actor/pg_clipfrac"] == pytest.approx(pos + neg)
+    valid = divergence[batch.mask]
+    assert out.metrics["dppo/divergence_mean"] == pytest.approx(float(valid.mean()))
+    assert out.metrics["dppo/divergence_max"] == pytest.approx(float(valid.max()))
 
 
 @pytest.mark.parametrize("name", ["dppo_binary_tv", "dppo_binary_kl"])
@@ -108,7 +154,7 @@ def test_topk_loss_from_logits(gen, kind):
     out = sa.get_loss(f"dppo_topk_{kind}", aggregation="token-sum")(batch)
     div = (D.topk_tv if kind == "tv" else D.topk_kl)(batch.current_topk_logprobs, batch.topk_logprobs)
     delta = 0.15 if kind == "tv" else 0.05
-    dropped = trust_region_mask(batch.logprobs, batch.rollout_logprobs, batch.advantages, div, delta, delta)
+    dropped = _mask(batch.logprobs, batch.rollout_logprobs, batch.advantages, div, delta)
     assert 0 < int(dropped.sum()) < dropped.numel()  # the example exercises both outcomes
     assert torch.equal(out.per_token_loss == 0, dropped)
     # The divergence is detached: the logits' gradient is the kept tokens' policy gradient only.
@@ -125,8 +171,8 @@ def test_topk_mask_contains_binary_mask(gen):
         _, batch = _topk_batch(gen, B=8, T=8)
         lp, lq, adv = batch.logprobs.detach(), batch.rollout_logprobs, batch.advantages
         for binary, topk, delta in [(D.binary_tv, D.topk_tv, 0.15), (D.binary_kl, D.topk_kl, 0.05)]:
-            b = trust_region_mask(lp, lq, adv, binary(lp, lq), delta, delta)
-            t = trust_region_mask(lp, lq, adv, topk(batch.current_topk_logprobs, batch.topk_logprobs), delta, delta)
+            b = _mask(lp, lq, adv, binary(lp, lq), delta)
+            t = _mask(lp, lq, adv, topk(batch.current_topk_logprobs, batch.topk_logprobs), delta)
             assert not (b & ~t).any()
 
 
@@ -136,7 +182,7 @@ def test_gradient_formula_and_ratio_cap(gen):
     out = sa.get_loss("dppo_binary_tv", ratio_cap=2.0)(batch)
     (grad,) = torch.autograd.grad(out.loss, t["logprobs"])
     lp, mu = batch.logprobs.detach(), batch.rollout_logprobs
-    dropped = trust_region_mask(lp, mu, batch.advantages, D.binary_tv(lp, mu), 0.15, 0.15)
+    dropped = _mask(lp, mu, batch.advantages, D.binary_tv(lp, mu), 0.15)
     ratio = (lp - mu).exp()
     assert (ratio[batch.mask & ~dropped] > 2.0).any()  # the cap is exercised
     expected = -(~dropped & batch.mask).double() * ratio.clamp(max=2.0) * batch.advantages / batch.mask.sum()

@@ -52,8 +52,9 @@ Differences from the reference code, all on purpose:
 Metrics (token means over valid tokens), veRL's names and meanings: ``actor/pg_clipfrac``
 (fraction masked by the trust region; A = 0 tokens follow the A < 0 rule, as in veRL),
 ``actor/pg_clipfrac_lower`` (fraction kept with p/q_w > c, i.e. truncated), ``actor/ppo_kl``
-(mean of log q_w − log p). Also ``dppo/masked_frac_pos`` / ``dppo/masked_frac_neg`` (masked
-with A > 0 / A < 0) and ``dppo/divergence_mean`` / ``dppo/divergence_max``.
+(mean of log q_w − log p). Also ``dppo/masked_frac_pos`` / ``dppo/masked_frac_neg`` (masked by
+the A > 0 / the A ≤ 0 rule; they add up to ``actor/pg_clipfrac``) and ``dppo/divergence_mean`` /
+``dppo/divergence_max``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stable_async._numerics import LOG_RATIO_BOUND, masked_max, masked_mean
+from stable_async._numerics import LOG_RATIO_BOUND
 from stable_async.batch import PolicyBatch
 from stable_async.checks import check_number
 from stable_async.divergence import binary_kl, binary_tv, topk_kl, topk_tv
@@ -113,44 +114,47 @@ class DPPOKLConfig(DPPOConfig):
     delta_high: float = 0.05
 
 
+def signed_divergence(logprobs: torch.Tensor, anchor_logprobs: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
+    """s_t = sign(p − q)·D_t: the divergence, positive where π_θ rose above the anchor, negative
+    where it fell (the direction always from the sampled token's probabilities)."""
+    return torch.sign(logprobs.detach() - anchor_logprobs.detach()) * divergence
+
+
 def trust_region_mask(
-    logprobs: torch.Tensor,
-    anchor_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    divergence: torch.Tensor,
-    delta_low: float,
-    delta_high: float,
+    signed: torch.Tensor, pushed_up: torch.Tensor, delta_low: float, delta_high: float
 ) -> torch.Tensor:
     """Bool (B, T): True where DPPO drops the token, 1 − M_t of the module docstring.
 
-    Dropped when the advantage pushes up (A > 0) and π_θ has risen past δ_high, or it pushes
-    down (A ≤ 0) and π_θ has fallen past δ_low.
+    ``signed`` is `signed_divergence`, ``pushed_up`` the bool A > 0. Dropped where the advantage
+    pushes up and π_θ has risen past δ_high (s_t > δ_high), or it pushes down (A ≤ 0) and π_θ
+    has fallen past δ_low (s_t < −δ_low).
     """
-    lp, lq = logprobs.detach(), anchor_logprobs.detach()
-    risen_too_far = (divergence > delta_high) & (lp > lq)
-    fallen_too_far = (divergence > delta_low) & (lp < lq)
-    return torch.where(advantages > 0, risen_too_far, fallen_too_far)
+    return torch.where(pushed_up, signed > delta_high, signed < -delta_low)
 
 
 def dppo_metrics(
     batch: PolicyBatch,
     dropped: torch.Tensor,
+    pushed_up: torch.Tensor,
     log_ratio: torch.Tensor,
     ratio: torch.Tensor,
     divergence: torch.Tensor,
     ratio_cap: float | None,
 ) -> dict[str, torch.Tensor | float]:
     """The DPPO metrics of the module docstring; ``log_ratio`` = log π_θ − log q_w (clamped),
-    ``ratio`` its exp (before the cap)."""
-    mask, adv = batch.mask, batch.advantages
+    ``ratio`` its exp (before the cap), ``pushed_up`` the bool A > 0."""
+    dropped_frac = batch.token_fraction(dropped)
+    dropped_pos_frac = batch.token_fraction(dropped & pushed_up)
+    # D ≥ 0, so zeros at masked positions change neither the sum nor the maximum.
+    valid_divergence = torch.where(batch.mask, divergence, 0.0)
     return {
-        "actor/pg_clipfrac": batch.token_fraction(dropped),
+        "actor/pg_clipfrac": dropped_frac,
         "actor/pg_clipfrac_lower": 0.0 if ratio_cap is None else batch.token_fraction((ratio > ratio_cap) & ~dropped),
         "actor/ppo_kl": -batch.token_mean(log_ratio),
-        "dppo/masked_frac_pos": batch.token_fraction(dropped & (adv > 0)),
-        "dppo/masked_frac_neg": batch.token_fraction(dropped & (adv < 0)),
-        "dppo/divergence_mean": masked_mean(divergence, mask),
-        "dppo/divergence_max": masked_max(divergence, mask),
+        "dppo/masked_frac_pos": dropped_pos_frac,
+        "dppo/masked_frac_neg": dropped_frac - dropped_pos_frac,  # the A ≤ 0 rule's share
+        "dppo/divergence_mean": batch.token_mean(valid_divergence),
+        "dppo/divergence_max": valid_divergence.amax() if valid_divergence.numel() else 0.0,
     }
 
 
@@ -159,13 +163,16 @@ def dppo_loss(batch: PolicyBatch, config: DPPOConfig, divergence: torch.Tensor) 
     anchor = _anchor_logprobs(batch, config.anchor)
     weight_anchor = _anchor_logprobs(batch, config.weight_anchor_or_default)
     adv = batch.advantages
-    dropped = trust_region_mask(batch.logprobs, anchor, adv, divergence, config.delta_low, config.delta_high)
+    pushed_up = adv > 0
+    dropped = trust_region_mask(
+        signed_divergence(batch.logprobs, anchor, divergence), pushed_up, config.delta_low, config.delta_high
+    )
     log_ratio = (batch.logprobs.detach() - weight_anchor).clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     weight = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)
     keep = (~dropped).to(weight.dtype)  # M_t
     loss_mat = -(keep * weight * adv) * batch.logprobs
-    metrics = dppo_metrics(batch, dropped, log_ratio, ratio, divergence, config.ratio_cap)
+    metrics = dppo_metrics(batch, dropped, pushed_up, log_ratio, ratio, divergence, config.ratio_cap)
     return finish(batch, config, loss_mat, metrics)
 
 
