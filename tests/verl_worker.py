@@ -421,39 +421,56 @@ class NoCheckpointEngine:
         return {}
 
 
-def scenario_versions(model_path: str) -> dict[str, Any]:
-    """veRL's per-trajectory versions into PolicyBatch.versions, on the config-only path and through ppo_loss.
+class PolicyBatchSpy:
+    """Records every training call's PolicyBatch where the adapter hands it to the optimizer (``verl_optim.record``).
 
-    Mini-batches of 2, 2 PPO epochs, shuffled: each row's version (100 + its response length)
-    must stay with its row. Every training-call PolicyBatch is recorded (versions, current
-    version, response lengths) where the adapter hands it to the optimizer.
+    Per call: row versions, current version, response lengths (the mask's row sums), under the
+    label of the last `begin`.
     """
-    import asyncio
-    from functools import partial
 
-    from stable_async.integrations import verl as adapter
-    from stable_async.integrations import verl_optim
+    def __init__(self) -> None:
+        from stable_async.integrations import verl_optim
 
-    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2,
-                                                   extra=("actor_rollout_ref.actor.ppo_epochs=2",)))  # fmt: skip
-    seen: list[dict[str, Any]] = []
-    record = verl_optim.record
+        self.runs: list[dict[str, Any]] = []
+        self._module = verl_optim
+        self._record = verl_optim.record
+        verl_optim.record = self._spy
 
-    def spy(batch: Any) -> None:
-        seen[-1]["calls"].append(
+    def begin(self, label: str) -> None:
+        self.runs.append({"label": label, "calls": []})
+
+    def _spy(self, batch: Any) -> None:
+        self.runs[-1]["calls"].append(
             {
                 "versions": None if batch.versions is None else batch.versions[:, 0].tolist(),
                 "current": batch.current_version,
                 "lengths": batch.mask.sum(-1).tolist(),
             }
         )
-        record(batch)
+        self._record(batch)
 
-    verl_optim.record = spy
+    def restore(self) -> None:
+        self._module.record = self._record
+
+
+def scenario_versions(model_path: str) -> dict[str, Any]:
+    """veRL's per-trajectory versions into PolicyBatch.versions, on the config-only path and through ppo_loss.
+
+    Mini-batches of 2, 2 PPO epochs, shuffled: each row's version (100 + its response length)
+    must stay with its row. Every training-call PolicyBatch is recorded (`PolicyBatchSpy`).
+    """
+    import asyncio
+    from functools import partial
+
+    from stable_async.integrations import verl as adapter
+
+    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2,
+                                                   extra=("actor_rollout_ref.actor.ppo_epochs=2",)))  # fmt: skip
+    spy = PolicyBatchSpy()
     out: dict[str, Any] = {}
 
     def run(label: str, data: Any) -> dict[str, Any]:
-        seen.append({"label": label, "calls": []})
+        spy.begin(label)
         metrics, _ = update(worker, data)
         return metrics
 
@@ -471,7 +488,7 @@ def scenario_versions(model_path: str) -> dict[str, Any]:
     metrics = run("loglinear_ppo_loss", rollout_batch(4, mini_batch=2, epochs=2, version_base=100,
                                                       current_param_version=106, shuffle=True))  # fmt: skip
     out["loglinear_alpha_mean"] = metrics.get("actor/prox_alpha_mean")
-    out["runs"] = seen
+    out["runs"] = spy.runs
     return out
 
 
@@ -595,7 +612,7 @@ SCENARIOS = {
 }
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], scenarios: dict[str, Any] | None = None) -> None:
     """``SCENARIO MODEL_DIR OUT.json [UPDATES]``; MODEL_DIR ``tiny``: build the tiny offline model in a temp dir."""
     scenario, model_path, out_path, *rest = argv
     torch.set_num_threads(1)
@@ -606,7 +623,7 @@ def main(argv: list[str]) -> None:
 
         model_path = tiny_causal_lm(tempfile.mkdtemp(prefix="verl-tiny-"))[0]
     kwargs = {"updates": int(rest[0])} if rest else {}
-    result = SCENARIOS[scenario](model_path, **kwargs)
+    result = (scenarios or SCENARIOS)[scenario](model_path, **kwargs)
     with open(out_path, "w") as f:
         json.dump(result, f)
 
