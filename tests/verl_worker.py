@@ -612,6 +612,46 @@ SCENARIOS = {
 }
 
 
+def loglinear_alpha_means(calls: list[dict[str, Any]]) -> list[float]:
+    """By hand, per training call: the token mean of ``sa_decoupled_ppo(proximal="loglinear")``'s α.
+
+    α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1) per row, from the call's recorded versions v_μ,
+    current version v and response lengths (`PolicyBatchSpy`).
+    """
+    means = []
+    for call in calls:
+        gaps = [call["current"] - v for v in call["versions"]]
+        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
+        means.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
+    return means
+
+
+def run_in_process(script: str, scenario: str, model_path: str, out_dir: Any, *args: str, timeout: float) -> Any:
+    """``python script scenario model_path out_dir/result.json *args`` in a fresh process; its JSON summary.
+
+    The process gets this checkout's ``src`` and ``tests`` first on ``PYTHONPATH``, offline Hugging Face, one thread.
+    """
+    import subprocess
+
+    import stable_async
+
+    out = os.path.join(str(out_dir), "result.json")
+    src = os.path.dirname(os.path.dirname(os.path.abspath(stable_async.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, script, scenario, model_path, out, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"scenario {scenario!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(out) as f:
+        return json.load(f)
+
+
 def main(argv: list[str], scenarios: dict[str, Any] | None = None) -> None:
     """``SCENARIO MODEL_DIR OUT.json [UPDATES]``; MODEL_DIR ``tiny``: build the tiny offline model in a temp dir."""
     scenario, model_path, out_path, *rest = argv
