@@ -10,7 +10,8 @@ prompts, right-padded responses, converted by veRL's ``left_right_2_no_padding``
 trainer's non-tensor keys.
 
 Each scenario runs in its own process (veRL's platform and the process group are per process)
-and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``.
+and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``; tests start one
+with `run_in_process` (also for ``verl_worker_v1.py``, whose scenarios reuse these helpers).
 """
 
 from __future__ import annotations
