@@ -28,7 +28,7 @@ $(CORE_STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(CORE_STAMP)
 
 $(STAMP): $(CORE_STAMP)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,trl,verl,bench,report,docs]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,trl,verl,verl-tq,bench,report,docs]"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps openrlhf==0.11.2
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.6 einops
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps skyrl==0.3.0 skyrl-gym==0.4.0 areal==1.0.4

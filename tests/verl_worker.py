@@ -10,7 +10,8 @@ prompts, right-padded responses, converted by veRL's ``left_right_2_no_padding``
 trainer's non-tensor keys.
 
 Each scenario runs in its own process (veRL's platform and the process group are per process)
-and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``.
+and writes a JSON summary: ``python verl_worker.py SCENARIO MODEL_DIR OUT.json``; tests start one
+with `run_in_process` (also for ``verl_worker_v1.py``, whose scenarios reuse these helpers).
 """
 
 from __future__ import annotations
@@ -421,39 +422,56 @@ class NoCheckpointEngine:
         return {}
 
 
-def scenario_versions(model_path: str) -> dict[str, Any]:
-    """veRL's per-trajectory versions into PolicyBatch.versions, on the config-only path and through ppo_loss.
+class PolicyBatchSpy:
+    """Records every training call's PolicyBatch where the adapter hands it to the optimizer (``verl_optim.record``).
 
-    Mini-batches of 2, 2 PPO epochs, shuffled: each row's version (100 + its response length)
-    must stay with its row. Every training-call PolicyBatch is recorded (versions, current
-    version, response lengths) where the adapter hands it to the optimizer.
+    Per call: row versions, current version, response lengths (the mask's row sums), under the
+    label of the last `begin`.
     """
-    import asyncio
-    from functools import partial
 
-    from stable_async.integrations import verl as adapter
-    from stable_async.integrations import verl_optim
+    def __init__(self) -> None:
+        from stable_async.integrations import verl_optim
 
-    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2,
-                                                   extra=("actor_rollout_ref.actor.ppo_epochs=2",)))  # fmt: skip
-    seen: list[dict[str, Any]] = []
-    record = verl_optim.record
+        self.runs: list[dict[str, Any]] = []
+        self._module = verl_optim
+        self._record = verl_optim.record
+        verl_optim.record = self._spy
 
-    def spy(batch: Any) -> None:
-        seen[-1]["calls"].append(
+    def begin(self, label: str) -> None:
+        self.runs.append({"label": label, "calls": []})
+
+    def _spy(self, batch: Any) -> None:
+        self.runs[-1]["calls"].append(
             {
                 "versions": None if batch.versions is None else batch.versions[:, 0].tolist(),
                 "current": batch.current_version,
                 "lengths": batch.mask.sum(-1).tolist(),
             }
         )
-        record(batch)
+        self._record(batch)
 
-    verl_optim.record = spy
+    def restore(self) -> None:
+        self._module.record = self._record
+
+
+def scenario_versions(model_path: str) -> dict[str, Any]:
+    """veRL's per-trajectory versions into PolicyBatch.versions, on the config-only path and through ppo_loss.
+
+    Mini-batches of 2, 2 PPO epochs, shuffled: each row's version (100 + its response length)
+    must stay with its row. Every training-call PolicyBatch is recorded (`PolicyBatchSpy`).
+    """
+    import asyncio
+    from functools import partial
+
+    from stable_async.integrations import verl as adapter
+
+    worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=2,
+                                                   extra=("actor_rollout_ref.actor.ppo_epochs=2",)))  # fmt: skip
+    spy = PolicyBatchSpy()
     out: dict[str, Any] = {}
 
     def run(label: str, data: Any) -> dict[str, Any]:
-        seen.append({"label": label, "calls": []})
+        spy.begin(label)
         metrics, _ = update(worker, data)
         return metrics
 
@@ -471,7 +489,7 @@ def scenario_versions(model_path: str) -> dict[str, Any]:
     metrics = run("loglinear_ppo_loss", rollout_batch(4, mini_batch=2, epochs=2, version_base=100,
                                                       current_param_version=106, shuffle=True))  # fmt: skip
     out["loglinear_alpha_mean"] = metrics.get("actor/prox_alpha_mean")
-    out["runs"] = seen
+    out["runs"] = spy.runs
     return out
 
 
@@ -595,7 +613,47 @@ SCENARIOS = {
 }
 
 
-def main(argv: list[str]) -> None:
+def loglinear_alpha_means(calls: list[dict[str, Any]]) -> list[float]:
+    """By hand, per training call: the token mean of ``sa_decoupled_ppo(proximal="loglinear")``'s α.
+
+    α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1) per row, from the call's recorded versions v_μ,
+    current version v and response lengths (`PolicyBatchSpy`).
+    """
+    means = []
+    for call in calls:
+        gaps = [call["current"] - v for v in call["versions"]]
+        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
+        means.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
+    return means
+
+
+def run_in_process(script: str, scenario: str, model_path: str, out_dir: Any, *args: str, timeout: float) -> Any:
+    """``python script scenario model_path out_dir/result.json *args`` in a fresh process; its JSON summary.
+
+    The process gets this checkout's ``src`` and ``tests`` first on ``PYTHONPATH``, offline Hugging Face, one thread.
+    """
+    import subprocess
+
+    import stable_async
+
+    out = os.path.join(str(out_dir), "result.json")
+    src = os.path.dirname(os.path.dirname(os.path.abspath(stable_async.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, script, scenario, model_path, out, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"scenario {scenario!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv: list[str], scenarios: dict[str, Any] | None = None) -> None:
     """``SCENARIO MODEL_DIR OUT.json [UPDATES]``; MODEL_DIR ``tiny``: build the tiny offline model in a temp dir."""
     scenario, model_path, out_path, *rest = argv
     torch.set_num_threads(1)
@@ -606,7 +664,7 @@ def main(argv: list[str]) -> None:
 
         model_path = tiny_causal_lm(tempfile.mkdtemp(prefix="verl-tiny-"))[0]
     kwargs = {"updates": int(rest[0])} if rest else {}
-    result = SCENARIOS[scenario](model_path, **kwargs)
+    result = (scenarios or SCENARIOS)[scenario](model_path, **kwargs)
     with open(out_path, "w") as f:
         json.dump(result, f)
 

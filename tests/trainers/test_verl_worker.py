@@ -22,15 +22,13 @@ shows that veRL's actor builds with TRL importable (the stable-async TRL shim).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import stable_async as sa
 from sa_testing import tiny_causal_lm
+from verl_worker import loglinear_alpha_means, run_in_process
 
 # One scenario process builds veRL's engine (12-80 s on shared cores): more than the default per-test timeout.
 pytestmark = [pytest.mark.trainers, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -48,21 +46,7 @@ def model_path(tmp_path_factory):
 
 
 def run_scenario(name: str, model_path: str, tmp_path_factory, *args: str) -> dict:
-    out = tmp_path_factory.mktemp(f"verl-{name}") / "result.json"
-    src = os.path.dirname(os.path.dirname(os.path.abspath(sa.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([src, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, HELPER, name, model_path, str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"scenario {name!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    with open(out) as f:
-        return json.load(f)
+    return run_in_process(HELPER, name, model_path, tmp_path_factory.mktemp(f"verl-{name}"), *args, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +151,7 @@ def test_current_version_is_the_batchs_or_the_last_weight_sync(versions_run):
 
 def test_a_loss_that_reads_versions_runs_on_them(versions_run):
     """sa_decoupled_ppo(proximal="loglinear"): α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1), token mean per micro-batch."""
-    calls = _runs(versions_run)["loglinear_ppo_loss"]
-    expected = []
-    for call in calls:
-        gaps = [call["current"] - v for v in call["versions"]]
-        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
-        expected.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
+    expected = loglinear_alpha_means(_runs(versions_run)["loglinear_ppo_loss"])
     assert versions_run["loglinear_alpha_mean"] == pytest.approx(expected, rel=1e-6)
     assert max(expected) > 0.1  # stale rows: the approximation moved the proximal policy
 

@@ -13,25 +13,37 @@ gradient of the previous call, never with another mini-batch of the same batch. 
 
 **Policy versions.** veRL's rollout servers stamp every trajectory with the version of the
 weights they generated it with: ``min_global_steps`` / ``max_global_steps`` (first and last
-version during the trajectory; they differ only for a partial rollout that spanned a weight sync),
-per sample in the batch's non-tensor fields (``AgentLoopWorker._postprocess``, kept by
-``DataProto.to_tensordict``). That version is the ``global_steps`` argument of the trainer's
+version during the trajectory; they differ only for a partial rollout that spanned a weight sync;
+veRL keeps no per-token version). That version is the ``global_steps`` argument of the trainer's
 ``update_weights`` call (``checkpoint_manager.update_weights(global_steps)``, which reaches the
-actor worker's ``update_weights`` and the servers' ``set_global_steps``). During an
-``update_actor`` call every ``sa_`` loss gets, per micro-batch row:
+actor worker's ``update_weights`` and the servers' ``set_global_steps``). The batch carries it per
+sample in one of two places, by trainer:
 
-* ``versions`` ← ``max_global_steps`` (the version veRL's fully-async trainer counts staleness by:
-  its ``trajectory_param_versions``);
+* ``main_ppo``, fully async, one-step-off-policy (``DataProto`` batches): the non-tensor fields
+  ``min_global_steps`` / ``max_global_steps`` (``AgentLoopWorker._postprocess``, kept by
+  ``DataProto.to_tensordict``);
+* ``trainer.v1`` (TransferQueue): inside each sample's ``extra_fields`` dict, which the agent loop
+  stores as a field (``agent_loop_tq.py``). ``update_actor`` is called with a ``KVBatchMeta``;
+  veRL's ``register`` decorator (its ``tqbridge``) fetches the fields into a TensorDict before
+  the worker's own method runs, so the versions are read where the loss sees the data.
+
+During an ``update_actor`` call every ``sa_`` loss gets, per micro-batch row:
+
+* ``versions`` ← ``max_global_steps`` (the version veRL's trainers count staleness by: the
+  fully-async trainer's ``trajectory_param_versions``, ``trainer.v1``'s
+  ``trajectory_staleness``);
 * ``current_version`` ← the batch's non-tensor ``current_param_version`` when a driver sets it
-  (veRL's fully-async trainer's name for its version), else the ``global_steps`` of this worker's
+  (veRL's fully-async trainer's name for its version; for a ``KVBatchMeta`` an ``extra_info``
+  entry, which veRL turns into that non-tensor field), else the ``global_steps`` of this worker's
   last ``update_weights`` call, the newest version the servers have.
 
 So ``current_version − versions`` is veRL's per-trajectory staleness (``current_param_version −
-v`` in the fully-async trainer). Without a version in the batch, or with no current version known
-(before the first weight sync, or a server that reports none), no versions are passed. The
-versions reach the loss through the worker's loss function: for the duration of the call it is
-wrapped so that each micro-batch's versions are read from the micro-batch veRL hands it
-(`loss_versions`), in the row order of the tensors the loss receives.
+v`` in the fully-async trainer, ``(global_steps − 1) − max_global_steps`` in ``trainer.v1``).
+Without a version in the batch, or with no current version known (before the first weight sync,
+or a server that reports none), no versions are passed. The versions reach the loss through the
+worker's loss function: for the duration of the call it is wrapped so that each micro-batch's
+versions are read from the micro-batch veRL hands it (`loss_versions`), in the row order of the
+tensors the loss receives.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from stable_async.integrations.verl_strict import StrictPluginFailure, strict_mo
 logger = logging.getLogger("stable_async.integrations.verl")
 
 VERSION_KEY = "max_global_steps"
+EXTRA_FIELDS_KEY = "extra_fields"
 CURRENT_KEY = "current_param_version"
 _WEIGHTS_VERSION_ATTR = "_stable_async_weights_version"
 
@@ -66,11 +79,18 @@ def loss_versions() -> tuple[torch.Tensor, int] | tuple[None, None]:
 
 
 def _row_versions(data: Any) -> torch.Tensor | None:
+    """``max_global_steps`` per row: a per-sample field (DataProto trainers) or in ``extra_fields`` (``trainer.v1``)."""
     from verl.utils import tensordict_utils as tu
 
-    if VERSION_KEY not in data.keys():  # noqa: SIM118 (TensorDict)
+    keys = data.keys()
+    if VERSION_KEY in keys:
+        values = tu.get(data, VERSION_KEY)
+    elif EXTRA_FIELDS_KEY in keys:
+        extras = tu.get(data, EXTRA_FIELDS_KEY)
+        extras = list(extras) if isinstance(extras, list | tuple) else [extras]
+        values = [extra.get(VERSION_KEY) if isinstance(extra, dict) else None for extra in extras]
+    else:
         return None
-    values = tu.get(data, VERSION_KEY)
     values = list(values) if isinstance(values, list | tuple) else [values]
     if len(values) != data.batch_size[0] or any(v is None for v in values):
         return None
@@ -78,10 +98,20 @@ def _row_versions(data: Any) -> torch.Tensor | None:
 
 
 def current_version(worker: Any, data: Any) -> int | None:
-    """The batch's ``current_param_version``, else the version of the worker's last weight sync (module docstring)."""
-    from verl.utils import tensordict_utils as tu
+    """The batch's ``current_param_version``, else the version of the worker's last weight sync (module docstring).
 
-    given = tu.get_non_tensor_data(data, CURRENT_KEY, None) if CURRENT_KEY in data.keys() else None  # noqa: SIM118
+    ``data`` is the TensorDict ``update_actor`` trains on, or the TransferQueue ``KVBatchMeta``
+    ``trainer.v1`` passes, whose ``extra_info`` veRL turns into the TensorDict's non-tensor fields.
+    """
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.transferqueue_utils import KVBatchMeta
+
+    if isinstance(data, TensorDict):
+        given = tu.get_non_tensor_data(data, CURRENT_KEY, None) if CURRENT_KEY in data.keys() else None  # noqa: SIM118
+    elif isinstance(data, KVBatchMeta):
+        given = (getattr(data, "extra_info", None) or {}).get(CURRENT_KEY)
+    else:
+        given = None
     if given is not None:
         return int(given)
     synced = getattr(worker, _WEIGHTS_VERSION_ATTR, None)
@@ -125,10 +155,9 @@ def _update_actor(original: Callable[..., Any]) -> Callable[..., Any]:
         optimizer = getattr(getattr(actor, "engine", None), "optimizer", None)
         if isinstance(optimizer, StableOptimizer):
             optimizer.rollout_batch_begins()
-        # veRL's trainer.v1 passes a TransferQueue KVBatchMeta here (veRL's register turns it into data inside).
-        carries = isinstance(data, TensorDict) and VERSION_KEY in data.keys()  # noqa: SIM118 (TensorDict)
-        current = current_version(self, data) if carries else None
-        with _versions_during(actor, current):
+        # trainer.v1 passes a TransferQueue KVBatchMeta: veRL's register fetches its data below this hook,
+        # so each row's version is read by the wrapped loss, from the micro-batch (with_versions).
+        with _versions_during(actor, current_version(self, data)):
             return original(self, data, *args, **kwargs)
 
     update_actor._stable_async_hook = True  # type: ignore[attr-defined]
@@ -173,4 +202,12 @@ def install() -> bool:
     return True
 
 
-__all__ = ["CURRENT_KEY", "VERSION_KEY", "current_version", "install", "loss_versions", "with_versions"]
+__all__ = [
+    "CURRENT_KEY",
+    "EXTRA_FIELDS_KEY",
+    "VERSION_KEY",
+    "current_version",
+    "install",
+    "loss_versions",
+    "with_versions",
+]
