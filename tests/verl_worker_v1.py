@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 from functools import partial
 from typing import Any
@@ -135,6 +136,10 @@ def tensordict_batch(seed: int, extra_info: dict[str, Any], stamped: bool = True
     return data
 
 
+class RayDidNotStart(RuntimeError):
+    """A local Ray node could not start (the machine, not the code under test)."""
+
+
 class TransferQueueBatches:
     """TransferQueue on a local Ray instance; `batch` writes samples as ``trainer.v1`` does and returns the meta."""
 
@@ -144,7 +149,12 @@ class TransferQueueBatches:
         from omegaconf import OmegaConf
 
         # The controller and a storage unit each ask Ray for 1 logical CPU.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a loaded CI machine starts the node slowly
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        except Exception as error:  # Ray's own start-up (e.g. "node timed out during startup")
+            ray.shutdown()
+            raise RayDidNotStart(f"a local Ray node did not start: {error}") from error
         tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
         self.tq = tq
         self.written: list[tuple[list[str], str]] = []
@@ -184,7 +194,10 @@ def scenario_v1(model_path: str, transport: str) -> dict[str, Any]:
 
     epochs = (f"actor_rollout_ref.actor.ppo_epochs={EPOCHS}",)
     worker, config = build_worker(worker_overrides(model_path, loss_mode="sa_ppo", mini_batch=MINI_BATCH, extra=epochs))
-    store = TransferQueueBatches() if transport == "transferqueue" else None
+    try:
+        store = TransferQueueBatches() if transport == "transferqueue" else None
+    except RayDidNotStart as error:
+        return {"transport": transport, "skipped": str(error)}
     make = store.batch if store is not None else tensordict_batch
     spy = PolicyBatchSpy()
     out: dict[str, Any] = {"transport": transport, "input_types": []}

@@ -42,7 +42,10 @@ def v1_run(request, tmp_path_factory):
         pytest.skip("transfer_queue (TransferQueue, veRL's trainer.v1 store) is not installed")
     model = tiny_causal_lm(tmp_path_factory.mktemp("verl-v1-tiny"))[0]
     out = tmp_path_factory.mktemp(f"verl-v1-{request.param}")
-    return run_in_process(HELPER, f"v1_{request.param}", model, out, timeout=540)
+    result = run_in_process(HELPER, f"v1_{request.param}", model, out, timeout=540)
+    if "skipped" in result:  # Ray's node did not start on this machine (not the code under test)
+        pytest.skip(result["skipped"])
+    return result
 
 
 def _runs(v1_run):
