@@ -32,6 +32,11 @@ class Timing:
     seconds: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     ratio_spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # (q25, q75) of paired ratios
+    samples: dict[str, list[float]] = field(default_factory=dict)  # seconds per call, per repetition
+
+    def ratio(self, name: str, against: str) -> float:
+        """Median over repetitions of time(name) / time(against), paired like `ratios`."""
+        return statistics.median(a / b for a, b in zip(self.samples[name], self.samples[against]))
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -69,7 +74,7 @@ def interleaved(
     finally:
         if gc_was_enabled:
             gc.enable()
-    out = Timing(reference=reference)
+    out = Timing(reference=reference, samples=per_rep)
     ref = per_rep[reference]
     for name in names:
         out.seconds[name] = statistics.median(per_rep[name])

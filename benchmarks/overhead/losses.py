@@ -5,8 +5,10 @@ masks with lengths in [T/2, T]; one advantage per sequence broadcast over its to
 checked to give the same loss value and gradient. Each trainer gets its inputs in the form its own
 update path hands its loss (veRL a bool response mask, OpenRLHF an int64 action mask, see
 `reference_mask`; TRL an int completion mask and (B,) advantages), stable-async a bool mask, all
-built outside the timed region. ``mask_form="float"`` gives veRL and OpenRLHF a float32 mask
-instead (the protocol of earlier rounds), as a control on how much the mask's form moves a ratio.
+built outside the timed region. As a control, veRL's and OpenRLHF's references are also timed with a
+float32 mask (the protocol of earlier rounds), interleaved in the same run: ``ratio_batch_float_ref``
+is ``+batch`` against that float-mask reference, ``ref_float_ratio`` the float-mask reference's
+time over the native one's.
 
 Variants of ours:
 
@@ -229,7 +231,7 @@ def _check_same(reference, loss_fn, batch_kwargs, x: Inputs, case: str) -> None:
 COMPILABLE = ("ppo", "gspo", "gspo_token")  # losses with a ``compile=True`` setting
 
 
-def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=None) -> dict:
+def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=None, float_reference=None) -> dict:
     """The timed callables: the reference and our variants (see the module docstring)."""
     prebuilt = sa.PolicyBatch(**batch_kwargs)
     nocheck = {**batch_kwargs, "check_finite": False}
@@ -249,6 +251,8 @@ def _variants(x: Inputs, reference, loss_fn, batch_kwargs: dict, compiled_fn=Non
     }
     if compiled_fn is not None:
         variants["+batch compiled"] = step(lambda: compiled_fn(sa.PolicyBatch(**batch_kwargs)).loss)
+    if float_reference is not None:
+        variants["ref float mask"] = step(float_reference)
     return variants
 
 
@@ -278,7 +282,11 @@ def run(
             if compile and name in COMPILABLE:
                 compiled_fn = sa.get_loss(name, **loss_kwargs, compile=True)
                 _check_same(reference, compiled_fn, batch_kwargs, x, case + " (compiled)")
-            variants = _variants(x, reference, loss_fn, batch_kwargs, compiled_fn)
+            float_reference = None
+            if case.split(":")[0] in ("verl", "openrlhf") and mask_form == "native":
+                float_reference = build_case(case, x, "float")[0]
+                _check_same(float_reference, loss_fn, batch_kwargs, x, case + " (float mask)")
+            variants = _variants(x, reference, loss_fn, batch_kwargs, compiled_fn, float_reference)
             timing = interleaved(variants, "ref", repeats=repeats, inner=inner)
             row = {
                 "case": case,
@@ -291,6 +299,8 @@ def run(
                 "ratio_prebuilt": timing.ratios["prebuilt"],
                 "spread_batch": timing.ratio_spread["+batch"],
                 "ratio_compiled": timing.ratios.get("+batch compiled"),
+                "ratio_batch_float_ref": timing.ratio("+batch", "ref float mask") if float_reference else None,
+                "ref_float_ratio": timing.ratios.get("ref float mask"),
             }
             if memory:
                 mem_ref = peak_memory(variants["ref"])
@@ -312,10 +322,13 @@ def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
     combined = []
     for group in zip(*rounds):
         row = dict(group[0])  # memory is measured in the first round only (deterministic)
-        for key in ("ref_ms", "ratio_batch", "ratio_nocheck", "ratio_prebuilt", "ratio_compiled"):
+        for key in ("ref_ms", "ratio_batch", "ratio_nocheck", "ratio_prebuilt", "ratio_compiled",
+                    "ratio_batch_float_ref", "ref_float_ratio"):  # fmt: skip
             if row.get(key) is not None:
                 row[key] = statistics.median(g[key] for g in group)
         row["ratio_batch_worst"] = max(g["ratio_batch"] for g in group)
+        if row.get("ratio_batch_float_ref") is not None:
+            row["ratio_batch_float_ref_worst"] = max(g["ratio_batch_float_ref"] for g in group)
         row["rounds"] = [{k: g[k] for k in ("ref_ms", "ratio_batch", "ratio_nocheck", "ratio_prebuilt")} for g in group]
         combined.append(row)
     return combined

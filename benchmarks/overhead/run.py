@@ -62,6 +62,10 @@ def run_losses(args) -> tuple[list[dict], str]:
         headers.insert(5, "+batch worst round")
     if args.compile:
         headers.insert(-1, "+batch compiled")
+    control = any(r.get("ratio_batch_float_ref") is not None for r in rows)
+    if control:
+        headers.insert(-1, "float-mask ref / ref")
+        headers.insert(-1, "+batch vs float-mask ref (worst)")
     lines = []
     for r in rows:
         line = [
@@ -78,6 +82,11 @@ def run_losses(args) -> tuple[list[dict], str]:
             line.insert(5, f"{r['ratio_batch_worst']:.2f}")
         if args.compile:
             line.insert(-1, "—" if r.get("ratio_compiled") is None else f"{r['ratio_compiled']:.2f}")
+        if control:
+            against_float = r.get("ratio_batch_float_ref")
+            line.insert(-1, "—" if against_float is None else f"{r['ref_float_ratio']:.2f}")
+            line.insert(-1, "—" if against_float is None else
+                        f"{against_float:.2f} ({r.get('ratio_batch_float_ref_worst', against_float):.2f})")  # fmt: skip
         lines.append(line)
     text = table(headers, lines, args.markdown)
     at_target = [r for r in rows if (r["B"], r["T"]) == TARGET_SIZE]
@@ -93,6 +102,14 @@ def run_losses(args) -> tuple[list[dict], str]:
             f"\n\nTarget ≤ {LOSS_TARGET:.2f}× at {TARGET_SIZE[0]}×{TARGET_SIZE[1]}, with batch construction and "
             "validation, in every round:\n" + "\n".join(("- " if args.markdown else "  ") + v for v in verdict)
         )
+        controls = [r for r in at_target if r.get("ratio_batch_float_ref") is not None]
+        if controls:
+            worsts = [r.get("ratio_batch_float_ref_worst", r["ratio_batch_float_ref"]) for r in controls]
+            within = sum(w <= LOSS_TARGET for w in worsts)
+            text += (
+                f"\n\nControl, the same run against the references given a float32 mask: worst round "
+                f"{max(worsts):.2f}× ({within} of {len(controls)} veRL / OpenRLHF pairs within {LOSS_TARGET:.2f}×)"
+            )
     return rows, text
 
 
