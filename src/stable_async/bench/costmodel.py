@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stable_async.checks import check_int
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -75,14 +77,11 @@ def synchronous_times(model: CostModel, steps: int, lengths: list[int] | None = 
 
 def _bounds(k: int | Sequence[int], steps: int) -> list[int]:
     """k_v for v = 0 .. steps − 1: one int for every version, or one per version (validated)."""
-    if isinstance(k, bool):
-        raise ValueError(f"k: expected an int or a sequence of ints, got {k!r}")
-    ks = [k] * steps if isinstance(k, int) else list(k)
-    if len(ks) < steps:
-        raise ValueError(f"k: expected an int or one bound per version ({steps}), got {len(ks)} bounds")
-    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ks):
-        raise ValueError(f"k: expected integers >= 0, got {ks!r}")
-    return ks[:steps]
+    if not isinstance(k, Sequence):
+        return [check_int("k", k, low=0)] * steps
+    if len(k) < steps:
+        raise ValueError(f"k: expected an int or one bound per version ({steps}), got {len(k)} bounds")
+    return [check_int(f"k[{v}]", x, low=0) for v, x in enumerate(k)][:steps]
 
 
 def asynchronous_times(
