@@ -190,8 +190,9 @@ class StalenessGovernor:
     def _alarms_of(self, names: list[str]) -> dict[str, bool]:
         """Per given signal that has a limit: whether its (smoothed) value is outside the limit."""
         out = {}
+        limits = self._limits()
         for name in names:
-            kind, limit = self._limits()[name]
+            kind, limit = limits[name]
             if limit is not None:
                 value = self._smoothed[name]
                 out[name] = value < limit if kind == "floor" else value > limit
