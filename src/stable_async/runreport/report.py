@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_async.runreport.detect import load_runs
-from stable_async.runreport.guide import describe, load_guide, recommend
+from stable_async.runreport.guide import MATCH_ORDER, describe, load_guide, recommend
 from stable_async.runreport.names import SIGNAL_BY_KEY
 from stable_async.runreport.render import index_page, run_page, save_figure, signal_figure
 from stable_async.runreport.runlog import ReportError, RunLog
@@ -60,7 +60,7 @@ class RunReport:
 def measured_drift(signals: dict[str, SignalSeries]) -> dict[str, float]:
     """The run's median of each drift signal the guide is indexed by."""
     out = {}
-    for key in ("seq_ess", "mismatch_kl", "token_ess"):
+    for key, _, _ in MATCH_ORDER:
         finite = signals[key].finite() if key in signals else []
         if finite:
             out[key] = statistics.median(finite)
