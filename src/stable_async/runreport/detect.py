@@ -12,13 +12,18 @@ some); TensorBoard event files anywhere below; a single ``*.jsonl`` or ``*.csv``
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from stable_async.runreport.readers.bench import RESULTS, is_bench_records, read_bench
-from stable_async.runreport.readers.tabular import read_csv, read_json_records, read_jsonl, read_trainer_state
+from stable_async.runreport.readers.tabular import (
+    load_json,
+    read_csv,
+    read_json_records,
+    read_jsonl,
+    read_trainer_state,
+)
 from stable_async.runreport.readers.tensorboard import EVENT_GLOB, event_files, read_tensorboard
 from stable_async.runreport.readers.wandb_offline import read_wandb, run_dirs
 from stable_async.runreport.runlog import ReportError, RunLog
@@ -52,10 +57,7 @@ def _latest_checkpoint_state(path: Path) -> Path | None:
 
 
 def _json_kind(path: Path) -> str:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not valid JSON ({err})") from None
+    data = load_json(path)
     if isinstance(data, dict) and "log_history" in data:
         return "trainer_state"
     return "bench" if is_bench_records(data) else "json"

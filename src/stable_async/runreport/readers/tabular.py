@@ -15,7 +15,8 @@ from typing import Any
 from stable_async.runreport.runlog import ReportError, RunLog, from_records
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """The file's JSON; a `ReportError` naming the file when it is not valid JSON."""
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -44,7 +45,7 @@ def read_csv(path: Path, name: str | None = None) -> RunLog:
 
 def read_trainer_state(path: Path, name: str | None = None) -> RunLog:
     """TRL's / the HF Trainer's ``trainer_state.json``: its ``log_history``."""
-    state = _load_json(path)
+    state = load_json(path)
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise ReportError(f"{path}: no 'log_history' list (not a trainer_state.json)")
@@ -53,7 +54,7 @@ def read_trainer_state(path: Path, name: str | None = None) -> RunLog:
 
 def read_json_records(path: Path, name: str | None = None) -> RunLog:
     """A JSON file holding a list of metric dicts (one per step)."""
-    data = _load_json(path)
+    data = load_json(path)
     if isinstance(data, dict) and "log_history" in data:
         return read_trainer_state(path, name)
     if not isinstance(data, list):
