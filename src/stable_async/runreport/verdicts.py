@@ -6,7 +6,7 @@ they are at least `PERSISTENCE` of the logged points from s₀ on:
 
     share = #flagged / #points with step ≥ s₀ ≥ PERSISTENCE
 
-The step ranges are the maximal runs of consecutive flagged points (in logging order). Any NaN /
+The step ranges are the maximal runs of consecutive flagged points (in logging order). Any
 ±inf value of a signal is a verdict of its own (no persistence needed). A NaN is not: it is how
 loggers and GAC write "undefined at this step" (the first step's cosine, a zero gradient when
 every reward of a group is equal); NaN points are counted in the signal's status line.
