@@ -304,7 +304,6 @@ def governor_verdict(cells: Sequence[dict[str, Any]], governed: dict[str, Any]) 
     return {
         "best_fixed": best,
         "keeps": keeps,
-        "no_longer": faster,
         "met": keeps and faster,
         "speedup_total": _ratio(sync_total, total),
         "speedup_90": _ratio(sync_90, gov_90),
