@@ -170,7 +170,6 @@ def write_plots(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             plt.close(fig)
 
         runs = [r for r in runs if not is_governed(r["method"])]
-        timed = [r for r in timed if not is_governed(r["method"])]
         cells = summarize_cells(runs)
         lags = sorted({c["lag"] for c in cells}, key=lag_order)
         positions = {lag: i for i, lag in enumerate(lags)}  # lags are spread unevenly: equal spacing
