@@ -60,6 +60,7 @@ from typing import Any
 
 from stable_async.checks import ArgumentTypeError, check_int, check_number, check_optional_number
 from stable_async.optim.accumulator import StepAccumulator, StepStatistics
+from stable_async.optim.ess_lr import ess_lr_scale
 
 SIGNALS = ("ess_ratio", "token_ess_ratio", "mismatch_kl", "grad_cos", "clip_fraction")
 """The signals `StalenessGovernor.update` reads, in the order of its arguments."""
@@ -254,7 +255,7 @@ class StalenessGovernor:
         self._last.update({f"alarm_{name}": float(alarmed) for name, alarmed in alarms.items()})
         ess = self._smoothed.get("ess_ratio") if "ess_ratio" in values else None
         floor = self.ess_floor
-        self._lr_scale = 1.0 if ess is None or floor is None or ess >= floor else math.sqrt(ess / floor)
+        self._lr_scale = 1.0 if ess is None or not floor else ess_lr_scale(ess, "sqrt", base_ratio=floor)
         if not values:
             return self._bound  # no evidence: hold
         if any(alarms.values()):
