@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from stable_async.runreport.detect import FORMATS
+from stable_async.runreport.report import default_out, report_path
 from stable_async.runreport.runlog import ReportError
 
 
@@ -18,8 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stable_async.runreport.report import default_out, report_path
-
     try:
         reports = report_path(args.path, args.out, args.format, args.run)
     except ReportError as err:
