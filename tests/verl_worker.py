@@ -616,15 +616,12 @@ SCENARIOS = {
 def loglinear_alpha_means(calls: list[dict[str, Any]]) -> list[float]:
     """By hand, per training call: the token mean of ``sa_decoupled_ppo(proximal="loglinear")``'s α.
 
-    α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1) per row, from the call's recorded versions v_μ,
-    current version v and response lengths (`PolicyBatchSpy`).
+    `sa_testing.loglinear_alpha_mean` of the call's recorded versions v_μ, current version v and
+    response lengths (`PolicyBatchSpy`).
     """
-    means = []
-    for call in calls:
-        gaps = [call["current"] - v for v in call["versions"]]
-        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
-        means.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
-    return means
+    from sa_testing import loglinear_alpha_mean
+
+    return [loglinear_alpha_mean(call["versions"], call["current"], call["lengths"]) for call in calls]
 
 
 def run_in_process(script: str, scenario: str, model_path: str, out_dir: Any, *args: str, timeout: float) -> Any:

@@ -15,7 +15,7 @@ given no-op stand-ins; batches are built with TRL's ``TreeRow`` + ``DataCollator
 import pytest
 import torch
 
-from sa_testing import tiny_causal_lm
+from sa_testing import loglinear_alpha_mean, tiny_causal_lm
 from trl_helpers import (
     NoRolloutWorker,
     NoWeightTransfer,
@@ -154,9 +154,7 @@ def test_collated_versions_reach_the_loss_in_completion_order(tiny_model, tmp_pa
     assert b.current_version == 7
     assert b.versions[:, 0].tolist() == [s["model_version"] for s in samples]
     lengths = [int(s["completion_mask"].sum()) for s in samples]
-    gaps = [7 - s["model_version"] for s in samples]
-    alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]  # α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1)
-    expected = sum(a * n for a, n in zip(alpha, lengths, strict=True)) / sum(lengths)
+    expected = loglinear_alpha_mean([s["model_version"] for s in samples], 7, lengths)  # by hand
     assert trainer._metrics["train"]["stable_async/actor/prox_alpha_mean"][-1] == pytest.approx(expected, rel=1e-6)
 
 
