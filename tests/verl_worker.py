@@ -188,6 +188,13 @@ def rollout_batch(
     data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
     if current_param_version is not None:
         tu.assign_non_tensor(data, current_param_version=current_param_version)
+    return training_keys(data, mini_batch=mini_batch, epochs=epochs, topk=topk, shuffle=shuffle)
+
+
+def training_keys(data: Any, *, mini_batch: int, epochs: int, topk: bool = False, shuffle: bool = False) -> Any:
+    """``data`` with the trainer's non-tensor keys for ``update_actor`` (mini-batch split, epochs, shuffling)."""
+    from verl.utils import tensordict_utils as tu
+
     tu.assign_non_tensor(
         data,
         calculate_entropy=False,
@@ -531,10 +538,7 @@ def policy_rollout_batch(
         "advantages": (advantages * mask).contiguous(),
     }
     data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
-    tu.assign_non_tensor(data, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
-                         global_batch_size=mini_batch, mini_batch_size=mini_batch, epochs=epochs, seed=42,
-                         dataloader_kwargs={"shuffle": False}, compute_loss=True, temperature=1.0)  # fmt: skip
-    return data
+    return training_keys(data, mini_batch=mini_batch, epochs=epochs)
 
 
 GAC_SYNC_UPDATES = 8
