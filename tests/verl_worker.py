@@ -615,6 +615,11 @@ SCENARIOS = {
 }
 
 
+def calls_by_label(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A scenario's `PolicyBatchSpy` runs: label → its recorded training calls."""
+    return {run["label"]: run["calls"] for run in result["runs"]}
+
+
 def loglinear_alpha_means(calls: list[dict[str, Any]]) -> list[float]:
     """By hand, per training call: the token mean of ``sa_decoupled_ppo(proximal="loglinear")``'s α.
 
