@@ -167,3 +167,13 @@ def tiny_causal_lm(directory, vocab=None, seed=0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, tokenizer
+
+
+def loglinear_alpha_mean(versions, current, lengths):
+    """By hand: the token mean of ``decoupled_ppo(proximal="loglinear")``'s α over rows of ``lengths`` tokens.
+
+    α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1) per row, v = ``current``, v_μ the row's version.
+    """
+    gaps = [current - v for v in versions]
+    alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
+    return sum(a * n for a, n in zip(alpha, lengths, strict=True)) / sum(lengths)

@@ -188,6 +188,13 @@ def rollout_batch(
     data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
     if current_param_version is not None:
         tu.assign_non_tensor(data, current_param_version=current_param_version)
+    return training_keys(data, mini_batch=mini_batch, epochs=epochs, topk=topk, shuffle=shuffle)
+
+
+def training_keys(data: Any, *, mini_batch: int, epochs: int, topk: bool = False, shuffle: bool = False) -> Any:
+    """``data`` with the trainer's non-tensor keys for ``update_actor`` (mini-batch split, epochs, shuffling)."""
+    from verl.utils import tensordict_utils as tu
+
     tu.assign_non_tensor(
         data,
         calculate_entropy=False,
@@ -204,13 +211,30 @@ def rollout_batch(
     return data
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (DTensor) shard; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def parameters(worker: Any) -> list[torch.Tensor]:
     """The actor's parameters (full tensors, fp32 copies), in a fixed order."""
-    out = []
-    for _, p in sorted(worker.actor.engine.module.named_parameters()):
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out.append(full.detach().float().clone())
-    return out
+    return [full_tensor(p).detach().float().clone() for _, p in sorted(worker.actor.engine.module.named_parameters())]
+
+
+def observe_steps(optimizer: Any, before: Any = None) -> list[dict[str, Any]]:
+    """Wraps ``optimizer.step``; the returned list gets each step's ``last_metrics`` (``before()`` runs first)."""
+    records: list[dict[str, Any]] = []
+    inner_step = optimizer.step
+
+    def observed_step(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before()
+        result = inner_step(*args, **kwargs)
+        records.append(dict(optimizer.last_metrics))
+        return result
+
+    optimizer.step = observed_step
+    return records
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -370,20 +394,13 @@ def scenario_optimizer(model_path: str) -> dict[str, Any]:
     timings["build_and_init_model"] = time.perf_counter() - start
     spy = LossSpy()
     optimizer = worker.actor.engine.optimizer
-    steps: list[dict[str, Any]] = []
     grads: list[torch.Tensor] = []
-    inner_step = optimizer.step
 
-    def observed_step(*args: Any, **kwargs: Any) -> Any:
-        grads.append(
-            torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).reshape(-1).double()
-                       for _, p in sorted(worker.actor.engine.module.named_parameters())])
-        )  # fmt: skip
-        result = inner_step(*args, **kwargs)
-        steps.append(dict(optimizer.last_metrics))
-        return result
+    def record_gradient() -> None:
+        named = sorted(worker.actor.engine.module.named_parameters())
+        grads.append(torch.cat([full_tensor(p.grad).reshape(-1).double() for _, p in named]))
 
-    optimizer.step = observed_step
+    steps = observe_steps(optimizer, before=record_gradient)
     out: dict[str, Any] = {
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "inner": f"{type(optimizer.optimizer).__module__}.{type(optimizer.optimizer).__name__}",
@@ -531,10 +548,7 @@ def policy_rollout_batch(
         "advantages": (advantages * mask).contiguous(),
     }
     data = left_right_2_no_padding(tu.get_tensordict(tensor_dict=tensors, non_tensor_dict={}))
-    tu.assign_non_tensor(data, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
-                         global_batch_size=mini_batch, mini_batch_size=mini_batch, epochs=epochs, seed=42,
-                         dataloader_kwargs={"shuffle": False}, compute_loss=True, temperature=1.0)  # fmt: skip
-    return data
+    return training_keys(data, mini_batch=mini_batch, epochs=epochs)
 
 
 GAC_SYNC_UPDATES = 8
@@ -575,22 +589,10 @@ def scenario_gac_sync(model_path: str, updates: int = GAC_SYNC_UPDATES) -> dict[
             if label == "control":
                 optimizer.gac_rollout_batch_steps = 1  # what override_optimizer_config={gac_rollout_batch_steps:1} sets
                 optimizer.new_rollout_batch()
-            records: list[dict[str, float]] = []
-            inner_step = optimizer.step
-
-            def observed_step(*args: Any, _step: Any = inner_step, _opt: Any = optimizer, _out: Any = records,
-                              **kwargs: Any) -> Any:  # fmt: skip
-                result = _step(*args, **kwargs)
-                _out.append(dict(_opt.last_metrics))
-                return result
-
-            optimizer.step = observed_step
+            records = observe_steps(optimizer)
             for u in range(updates):
                 current = worker.actor.engine.module.named_parameters()
-                policy.load_state_dict(
-                    {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for name, p in current},
-                    strict=False,
-                )
+                policy.load_state_dict({name: full_tensor(p).detach() for name, p in current}, strict=False)
                 update(worker, policy_rollout_batch(policy, 1000 + u, mini_batch=mini_batch, epochs=epochs))
             rows = [r for r in records if "gac/cos" in r]
             removed = [r["gac/removed_frac"] for r in rows]
@@ -613,18 +615,20 @@ SCENARIOS = {
 }
 
 
+def calls_by_label(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A scenario's `PolicyBatchSpy` runs: label → its recorded training calls."""
+    return {run["label"]: run["calls"] for run in result["runs"]}
+
+
 def loglinear_alpha_means(calls: list[dict[str, Any]]) -> list[float]:
     """By hand, per training call: the token mean of ``sa_decoupled_ppo(proximal="loglinear")``'s α.
 
-    α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1) per row, from the call's recorded versions v_μ,
-    current version v and response lengths (`PolicyBatchSpy`).
+    `sa_testing.loglinear_alpha_mean` of the call's recorded versions v_μ, current version v and
+    response lengths (`PolicyBatchSpy`).
     """
-    means = []
-    for call in calls:
-        gaps = [call["current"] - v for v in call["versions"]]
-        alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]
-        means.append(sum(a * n for a, n in zip(alpha, call["lengths"], strict=True)) / sum(call["lengths"]))
-    return means
+    from sa_testing import loglinear_alpha_mean
+
+    return [loglinear_alpha_mean(call["versions"], call["current"], call["lengths"]) for call in calls]
 
 
 def run_in_process(script: str, scenario: str, model_path: str, out_dir: Any, *args: str, timeout: float) -> Any:

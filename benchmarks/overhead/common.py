@@ -34,9 +34,13 @@ class Timing:
     ratio_spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # (q25, q75) of paired ratios
     samples: dict[str, list[float]] = field(default_factory=dict)  # seconds per call, per repetition
 
+    def paired(self, name: str, against: str) -> list[float]:
+        """time(name) / time(against) of each repetition."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[against])]
+
     def ratio(self, name: str, against: str) -> float:
         """Median over repetitions of time(name) / time(against), paired like `ratios`."""
-        return statistics.median(a / b for a, b in zip(self.samples[name], self.samples[against]))
+        return statistics.median(self.paired(name, against))
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -75,10 +79,9 @@ def interleaved(
         if gc_was_enabled:
             gc.enable()
     out = Timing(reference=reference, samples=per_rep)
-    ref = per_rep[reference]
     for name in names:
         out.seconds[name] = statistics.median(per_rep[name])
-        paired = [a / b for a, b in zip(per_rep[name], ref)]
+        paired = out.paired(name, reference)
         out.ratios[name] = statistics.median(paired)
         out.ratio_spread[name] = (_quantile(paired, 0.25), _quantile(paired, 0.75))
     return out

@@ -86,7 +86,7 @@ def run_losses(args) -> tuple[list[dict], str]:
             against_float = r.get("ratio_batch_float_ref")
             line.insert(-1, "—" if against_float is None else f"{r['ref_float_ratio']:.2f}")
             line.insert(-1, "—" if against_float is None else
-                        f"{against_float:.2f} ({r.get('ratio_batch_float_ref_worst', against_float):.2f})")  # fmt: skip
+                        f"{against_float:.2f} ({r['ratio_batch_float_ref_worst']:.2f})")  # fmt: skip
         lines.append(line)
     text = table(headers, lines, args.markdown)
     at_target = [r for r in rows if (r["B"], r["T"]) == TARGET_SIZE]
@@ -104,7 +104,7 @@ def run_losses(args) -> tuple[list[dict], str]:
         )
         controls = [r for r in at_target if r.get("ratio_batch_float_ref") is not None]
         if controls:
-            worsts = [r.get("ratio_batch_float_ref_worst", r["ratio_batch_float_ref"]) for r in controls]
+            worsts = [r["ratio_batch_float_ref_worst"] for r in controls]
             within = sum(w <= LOSS_TARGET for w in worsts)
             text += (
                 f"\n\nControl, the same run against the references given a float32 mask: worst round "

@@ -24,11 +24,6 @@ def safe_exp(log_value: torch.Tensor, bound: float = LOG_RATIO_BOUND) -> torch.T
     return torch.exp(torch.clamp(log_value, min=-bound, max=bound))
 
 
-def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A mask as 0/1 values in ``dtype`` (for mask-weighted sums)."""
-    return mask.to(dtype)
-
-
 def count_true(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Number of True (nonzero) entries, as an integer tensor: exact, and no float copy of the mask."""
     dtype = torch.int32 if mask.numel() < 2**31 else torch.int64

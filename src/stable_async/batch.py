@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from stable_async._numerics import compute_dtype, count_true, float_mask, weighted_sum
+from stable_async._numerics import compute_dtype, count_true, weighted_sum
 from stable_async.aggregate import check_dp_size, check_global_count
 from stable_async.checks import check_logprobs, check_mask, check_probability_mass, logprob_tolerance
 
@@ -423,7 +423,7 @@ class PolicyBatch:
     def maskf(self) -> torch.Tensor:
         """The mask as 0/1 in the compute dtype (computed once per batch)."""
         if self._maskf is None:
-            self._maskf = float_mask(self.mask, self.dtype)
+            self._maskf = self.mask.to(self.dtype)
         return self._maskf
 
     @property

@@ -15,7 +15,7 @@ given no-op stand-ins; batches are built with TRL's ``TreeRow`` + ``DataCollator
 import pytest
 import torch
 
-from sa_testing import tiny_causal_lm
+from sa_testing import loglinear_alpha_mean, tiny_causal_lm
 from trl_helpers import (
     NoRolloutWorker,
     NoWeightTransfer,
@@ -132,6 +132,14 @@ def test_trains_through_async_grpo_trainer_loop(tiny_model, tmp_path):
 
 
 # --------------------------------------------------------------------------- policy versions
+def recorded_batches(trainer):
+    """The list that gets each PolicyBatch the trainer's loss runs on (where its accumulator records it)."""
+    seen = []
+    record = trainer._sa_accumulator.record
+    trainer._sa_accumulator.record = lambda b: seen.append(b) or record(b)
+    return seen
+
+
 def test_collated_versions_reach_the_loss_in_completion_order(tiny_model, tmp_path):
     """decoupled_ppo(proximal="loglinear") reads them: its α per completion from current − version, by hand."""
     from stable_async.integrations.trl_async_versions import VersionedCollator
@@ -145,18 +153,14 @@ def test_collated_versions_reach_the_loss_in_completion_order(tiny_model, tmp_pa
     assert batch["model_version"].tolist() == [[s["model_version"] for s in samples]]
     trainer = make(StableAsyncGRPOTrainer, tiny_model, tmp_path, policy_loss="decoupled_ppo",
                    loss_kwargs={"proximal": "loglinear"})  # fmt: skip
-    seen = []
-    record = trainer._sa_accumulator.record  # sees each PolicyBatch the loss ran on
-    trainer._sa_accumulator.record = lambda b: seen.append(b) or record(b)
+    seen = recorded_batches(trainer)
     trainer.current_gradient_accumulation_steps = 1
     trainer.compute_loss(trainer.model, batch)
     (b,) = seen
     assert b.current_version == 7
     assert b.versions[:, 0].tolist() == [s["model_version"] for s in samples]
     lengths = [int(s["completion_mask"].sum()) for s in samples]
-    gaps = [7 - s["model_version"] for s in samples]
-    alpha = [max(g - 1, 0) / g if g > 0 else 0.0 for g in gaps]  # α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1)
-    expected = sum(a * n for a, n in zip(alpha, lengths, strict=True)) / sum(lengths)
+    expected = loglinear_alpha_mean([s["model_version"] for s in samples], 7, lengths)  # by hand
     assert trainer._metrics["train"]["stable_async/actor/prox_alpha_mean"][-1] == pytest.approx(expected, rel=1e-6)
 
 
@@ -177,10 +181,9 @@ def test_trl_loop_carries_each_samples_version_past_its_staleness_filter(tiny_mo
                    loss_kwargs={"proximal": "loglinear"})  # fmt: skip
     trainer.model_version = 105
     assert trainer.args.max_staleness == 4
-    seen = []
-    record = trainer._sa_accumulator.record  # sees each PolicyBatch the loss ran on
-    trainer._sa_accumulator.record = lambda b: seen.append((b.versions[:, 0].tolist(), b.current_version)) or record(b)
+    batches = recorded_batches(trainer)
     trainer.train()
+    seen = [(b.versions[:, 0].tolist(), b.current_version) for b in batches]
     assert len(seen) == 2 and trainer.model_version == 108  # TRL syncs weights when training begins and per step
     current = seen[0][1]
     assert current == 106  # the trainer's version when the first micro-batch is collated

@@ -28,7 +28,7 @@ import pytest
 
 import stable_async as sa
 from sa_testing import tiny_causal_lm
-from verl_worker import loglinear_alpha_means, run_in_process
+from verl_worker import calls_by_label, loglinear_alpha_means, run_in_process
 
 # One scenario process builds veRL's engine (12-80 s on shared cores): more than the default per-test timeout.
 pytestmark = [pytest.mark.trainers, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -127,13 +127,9 @@ def versions_run(model_path, tmp_path_factory):
     return run_scenario("versions", model_path, tmp_path_factory)
 
 
-def _runs(versions_run):
-    return {run["label"]: run["calls"] for run in versions_run["runs"]}
-
-
 def test_each_rows_version_reaches_the_loss_with_its_row(versions_run):
     """veRL's max_global_steps (100 + response length here) per row, through shuffled mini-batches and 2 epochs."""
-    runs = _runs(versions_run)
+    runs = calls_by_label(versions_run)
     for label, current in (("config_only", 105), ("after_weight_sync", 107), ("loglinear_ppo_loss", 106)):
         calls = runs[label]
         assert len(calls) == 4, label  # 2 epochs × 2 mini-batches × 1 micro-batch
@@ -143,7 +139,7 @@ def test_each_rows_version_reaches_the_loss_with_its_row(versions_run):
 
 
 def test_current_version_is_the_batchs_or_the_last_weight_sync(versions_run):
-    runs = _runs(versions_run)
+    runs = calls_by_label(versions_run)
     assert versions_run["sent"] == [107]  # update_weights(global_steps=107) went through veRL's own method
     assert all(c["versions"] is None and c["current"] is None for c in runs["no_current"])  # before any sync
     assert all(c["versions"] is None and c["current"] is None for c in runs["no_versions"])
@@ -151,7 +147,7 @@ def test_current_version_is_the_batchs_or_the_last_weight_sync(versions_run):
 
 def test_a_loss_that_reads_versions_runs_on_them(versions_run):
     """sa_decoupled_ppo(proximal="loglinear"): α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1), token mean per micro-batch."""
-    expected = loglinear_alpha_means(_runs(versions_run)["loglinear_ppo_loss"])
+    expected = loglinear_alpha_means(calls_by_label(versions_run)["loglinear_ppo_loss"])
     assert versions_run["loglinear_alpha_mean"] == pytest.approx(expected, rel=1e-6)
     assert max(expected) > 0.1  # stale rows: the approximation moved the proximal policy
 

@@ -25,7 +25,7 @@ import os
 import pytest
 
 from sa_testing import tiny_causal_lm
-from verl_worker import loglinear_alpha_means, run_in_process
+from verl_worker import calls_by_label, loglinear_alpha_means, run_in_process
 
 pytestmark = [pytest.mark.trainers, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -48,10 +48,6 @@ def v1_run(request, tmp_path_factory):
     return result
 
 
-def _runs(v1_run):
-    return {run["label"]: run["calls"] for run in v1_run["runs"]}
-
-
 def test_the_batch_reaches_the_worker_as_trainer_v1_hands_it(v1_run):
     expected_type = "KVBatchMeta" if v1_run["transport"] == "transferqueue" else "TensorDict"
     assert set(v1_run["input_types"]) == {expected_type}
@@ -61,7 +57,7 @@ def test_the_batch_reaches_the_worker_as_trainer_v1_hands_it(v1_run):
 
 
 def test_each_rows_max_global_steps_reaches_the_loss_with_its_row(v1_run):
-    runs = _runs(v1_run)
+    runs = calls_by_label(v1_run)
     for label, current in (
         ("after_weight_sync", WEIGHTS_SYNC),  # the last update_weights
         ("current_in_extra_info", EXTRA_INFO_CURRENT),  # the batch's current_param_version wins
@@ -77,7 +73,7 @@ def test_each_rows_max_global_steps_reaches_the_loss_with_its_row(v1_run):
 
 
 def test_no_versions_without_a_current_version_or_a_stamp(v1_run):
-    runs = _runs(v1_run)
+    runs = calls_by_label(v1_run)
     for label in ("no_sync_yet", "server_without_versions"):
         assert len(runs[label]) == CALLS
         assert all(c["versions"] is None and c["current"] is None for c in runs[label]), label
@@ -85,6 +81,6 @@ def test_no_versions_without_a_current_version_or_a_stamp(v1_run):
 
 def test_a_loss_that_reads_versions_runs_on_them(v1_run):
     """sa_decoupled_ppo(proximal="loglinear"): α = clamp((v − 1 − v_μ)/(v − v_μ), 0, 1), token mean per micro-batch."""
-    expected = loglinear_alpha_means(_runs(v1_run)["loglinear_ppo_loss"])
+    expected = loglinear_alpha_means(calls_by_label(v1_run)["loglinear_ppo_loss"])
     assert v1_run["loglinear_alpha_mean"] == pytest.approx(expected, rel=1e-6)
     assert max(expected) > 0.1 and min(expected) < max(expected)  # stale rows, and the micro-batches differ

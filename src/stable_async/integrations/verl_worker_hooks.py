@@ -107,7 +107,7 @@ def current_version(worker: Any, data: Any) -> int | None:
     from verl.utils.transferqueue_utils import KVBatchMeta
 
     if isinstance(data, TensorDict):
-        given = tu.get_non_tensor_data(data, CURRENT_KEY, None) if CURRENT_KEY in data.keys() else None  # noqa: SIM118
+        given = tu.get_non_tensor_data(data, CURRENT_KEY, None)
     elif isinstance(data, KVBatchMeta):
         given = (getattr(data, "extra_info", None) or {}).get(CURRENT_KEY)
     else:

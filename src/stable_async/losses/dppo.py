@@ -114,21 +114,22 @@ class DPPOKLConfig(DPPOConfig):
     delta_high: float = 0.05
 
 
-def signed_divergence(logprobs: torch.Tensor, anchor_logprobs: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
-    """s_t = sign(p − q)·D_t: the divergence, positive where π_θ rose above the anchor, negative
-    where it fell (the direction always from the sampled token's probabilities)."""
-    return torch.sign(logprobs.detach() - anchor_logprobs.detach()) * divergence
-
-
 def trust_region_mask(
-    signed: torch.Tensor, pushed_up: torch.Tensor, delta_low: float, delta_high: float
+    logprobs: torch.Tensor,
+    anchor_logprobs: torch.Tensor,
+    pushed_up: torch.Tensor,
+    divergence: torch.Tensor,
+    delta_low: float,
+    delta_high: float,
 ) -> torch.Tensor:
     """Bool (B, T): True where DPPO drops the token, 1 − M_t of the module docstring.
 
-    ``signed`` is `signed_divergence`, ``pushed_up`` the bool A > 0. Dropped where the advantage
-    pushes up and π_θ has risen past δ_high (s_t > δ_high), or it pushes down (A ≤ 0) and π_θ
-    has fallen past δ_low (s_t < −δ_low).
+    On the signed divergence s_t = sign(p − q)·D_t (positive where π_θ rose above the anchor,
+    negative where it fell; the direction always from the sampled token's probabilities), with
+    ``pushed_up`` the bool A > 0: dropped where the advantage pushes up and π_θ has risen past
+    δ_high (s_t > δ_high), or it pushes down (A ≤ 0) and π_θ has fallen past δ_low (s_t < −δ_low).
     """
+    signed = torch.sign(logprobs.detach() - anchor_logprobs.detach()) * divergence
     return torch.where(pushed_up, signed > delta_high, signed < -delta_low)
 
 
@@ -164,9 +165,7 @@ def dppo_loss(batch: PolicyBatch, config: DPPOConfig, divergence: torch.Tensor) 
     weight_anchor = _anchor_logprobs(batch, config.weight_anchor_or_default)
     adv = batch.advantages
     pushed_up = adv > 0
-    dropped = trust_region_mask(
-        signed_divergence(batch.logprobs, anchor, divergence), pushed_up, config.delta_low, config.delta_high
-    )
+    dropped = trust_region_mask(batch.logprobs, anchor, pushed_up, divergence, config.delta_low, config.delta_high)
     log_ratio = (batch.logprobs.detach() - weight_anchor).clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     weight = ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap)

@@ -33,7 +33,7 @@ from stable_async.batch import BatchValidationError, PolicyBatch
 from stable_async.checks import check_number
 from stable_async.divergence import binary_tv
 from stable_async.losses.base import LossConfig, LossOutput, finish
-from stable_async.losses.dppo import dppo_metrics, signed_divergence, trust_region_mask
+from stable_async.losses.dppo import dppo_metrics, trust_region_mask
 from stable_async.registry import register_loss
 
 PRIME_RL_COMMIT = "559b44772e471d1538537b8805cc77f3824a5e64"
@@ -64,7 +64,7 @@ def prime_rl(batch: PolicyBatch, config: PrimeRLConfig) -> LossOutput:
     ratio = log_ratio.exp()
     divergence = binary_tv(lp.detach(), mu)
     pushed_up = adv > 0
-    dropped = trust_region_mask(signed_divergence(lp, mu, divergence), pushed_up, config.delta_low, config.delta_high)
+    dropped = trust_region_mask(lp, mu, pushed_up, divergence, config.delta_low, config.delta_high)
     kl = log_ratio.square()
     loss_mat = -(~dropped).to(ratio.dtype) * config.adv_tau * adv * ratio + config.kl_tau * kl
     metrics = dppo_metrics(batch, dropped, pushed_up, log_ratio.detach(), ratio.detach(), divergence, None)
